@@ -1,0 +1,19 @@
+"""User-facing errors: one line that names the file, key or value and says what would be right.
+
+Raise ``UserError`` for a user's mistake (a bad flag value, a missing file, a corrupt checkpoint); the CLI prints
+its message as ``elbox: error: ...`` and exits with status 2, without a traceback. Programming errors stay
+ordinary exceptions and keep their tracebacks.
+"""
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for or gave us; the message is shown as is, on one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise UserError(message) unless condition holds."""
+    if not condition:
+        raise UserError(message)
