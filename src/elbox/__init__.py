@@ -1,0 +1,38 @@
+"""elbox: VAEs and DDPMs, both trained by maximising an evidence lower bound.
+
+    import elbox
+    model = elbox.load("runs/ddpm-digits")     # rebuilt from its checkpoint, EMA weights
+    samples = model.sample(16)
+
+The public names are imported on first use, so ``import elbox`` stays fast and light.
+"""
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load": "elbox.api",
+    "evaluate": "elbox.api",
+    "train": "elbox.train.loop",
+    "RunConfig": "elbox.config",
+    "DataConfig": "elbox.config",
+    "TrainConfig": "elbox.config",
+    "MODELS": "elbox.config",
+    "DDPM": "elbox.objectives.ddpm",
+    "DDPMConfig": "elbox.objectives.ddpm",
+    "VAE": "elbox.objectives.vae",
+    "VAEConfig": "elbox.objectives.vae",
+    "Terms": "elbox.objectives.terms",
+    "bits_per_dim": "elbox.objectives.terms",
+    "load_dataset": "elbox.data",
+    "UserError": "elbox.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'elbox' has no attribute {name!r}")

@@ -4,7 +4,7 @@ An ``ELBOModel`` owns its networks (pure ``nn.Module``s that know nothing of noi
 objective's fixed buffers. It answers three questions, all in the model's own data range (see
 ``elbox.data.transforms``):
 
-- ``losses(x)``: a stochastic estimate of the training objective, as ``Terms`` (the trainer reduces ``.loss``);
+- ``losses(x, step=...)``: a stochastic estimate of the training objective, as ``Terms`` (the trainer reduces ``.loss``);
 - ``bound(x)``: the full negative ELBO on x, as ``Terms`` in nats (evaluation: no sampled timesteps);
 - ``sample(n)``: n samples from the model.
 
@@ -44,7 +44,8 @@ class ELBOModel(nn.Module):
             d *= s
         return d
 
-    def losses(self, x: Tensor) -> Terms:
+    def losses(self, x: Tensor, *, step: int = 0) -> Terms:
+        """The training objective on a batch; ``step`` is the optimizer step (for schedules such as KL warm-up)."""
         raise NotImplementedError
 
     def bound(self, x: Tensor) -> Terms:

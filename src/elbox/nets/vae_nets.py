@@ -1,0 +1,146 @@
+"""The VAE's networks: pure ``nn.Module``s that know nothing of priors, likelihoods or the ELBO.
+
+An encoder maps x to (mu, log sigma^2) of q_phi(z|x) = N(mu, diag sigma^2) (Kingma & Welling 2014, eq. 9); a
+decoder maps z to ``out_channels`` raw parameter channels per pixel (what a ``decoders.Likelihood`` turns into
+log p(x|z)).
+
+- ``MLPEncoder`` / ``MLPDecoder``: the multilayer perceptrons of Kingma & Welling (2014, appendix C; one hidden
+  layer of 500 tanh units on MNIST), with any number of hidden layers; they flatten any data shape.
+- ``ConvEncoder`` / ``ConvDecoder``: a convolutional pair for images of any size and channel count: one stride-2
+  stage per entry of ``channels`` (sizes rounded up, so odd sizes work), each followed by ``res_blocks`` residual
+  blocks, and a linear map between the last feature map and z.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU}
+
+
+def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
+    """Linear layers between consecutive ``sizes``, with the activation after every layer but the last."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Module):
+    """x of any shape (B, ...) -> (mu, logvar), each (B, latent_dim)."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], latent_dim: int, activation: str = "tanh") -> None:
+        super().__init__()
+        self.net = _mlp([in_dim, *hidden, 2 * latent_dim], activation)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.net(x.flatten(1)).chunk(2, dim=1)
+        return mu, logvar
+
+
+class MLPDecoder(nn.Module):
+    """z (B, latent_dim) -> raw parameters (B, out_channels, *spatial), e.g. (B, 1, 28, 28) or (B, 2 * D)."""
+
+    def __init__(
+        self, latent_dim: int, hidden: tuple[int, ...], out_shape: tuple[int, ...], activation: str = "tanh"
+    ) -> None:
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        self.net = _mlp([latent_dim, *hidden, math.prod(out_shape)], activation)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z).view(z.shape[0], *self.out_shape)
+
+
+class ResBlock(nn.Module):
+    """x + conv3x3(act(conv3x3(act(x)))), channel count kept (He et al. 2016, pre-activation form)."""
+
+    def __init__(self, channels: int, activation: str) -> None:
+        super().__init__()
+        act = ACTIVATIONS[activation]
+        self.body = nn.Sequential(
+            act(), nn.Conv2d(channels, channels, 3, padding=1), act(), nn.Conv2d(channels, channels, 3, padding=1)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+def stage_sizes(size: tuple[int, int], stages: int) -> list[tuple[int, int]]:
+    """The spatial sizes after 0, 1, ..., ``stages`` stride-2 convolutions (kernel 3, padding 1: ceil(s / 2))."""
+    sizes = [tuple(size)]
+    for _ in range(stages):
+        h, w = sizes[-1]
+        sizes.append(((h + 1) // 2, (w + 1) // 2))
+    return sizes
+
+
+class ConvEncoder(nn.Module):
+    """x (B, C, H, W) -> (mu, logvar), each (B, latent_dim); one stride-2 stage per entry of ``channels``."""
+
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        channels: tuple[int, ...],
+        latent_dim: int,
+        res_blocks: int = 1,
+        activation: str = "silu",
+    ) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        layers: list[nn.Module] = []
+        prev = c
+        for ch in channels:
+            layers.append(nn.Conv2d(prev, ch, 3, stride=2, padding=1))
+            layers.extend(ResBlock(ch, activation) for _ in range(res_blocks))
+            prev = ch
+        layers.append(ACTIVATIONS[activation]())
+        self.features = nn.Sequential(*layers)
+        fh, fw = stage_sizes((h, w), len(channels))[-1]
+        self.head = nn.Linear(prev * fh * fw, 2 * latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.head(self.features(x).flatten(1)).chunk(2, dim=1)
+        return mu, logvar
+
+
+class ConvDecoder(nn.Module):
+    """z (B, latent_dim) -> raw parameters (B, out_channels, H, W): the mirror image of ``ConvEncoder``.
+
+    Each stage doubles the size with a stride-2 transposed convolution whose ``output_padding`` (0 or 1) recovers
+    the encoder's size exactly, so any H and W come back.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        channels: tuple[int, ...],
+        out_shape: tuple[int, int, int],
+        res_blocks: int = 1,
+        activation: str = "silu",
+    ) -> None:
+        super().__init__()
+        out_channels, h, w = out_shape
+        sizes = stage_sizes((h, w), len(channels))
+        self.start = (channels[-1], *sizes[-1])
+        self.head = nn.Linear(latent_dim, math.prod(self.start))
+        layers: list[nn.Module] = []
+        widths = list(reversed(channels))
+        for i, ch in enumerate(widths):
+            layers.extend(ResBlock(ch, activation) for _ in range(res_blocks))
+            layers.append(ACTIVATIONS[activation]())
+            (sh, sw), (th, tw) = sizes[len(channels) - i], sizes[len(channels) - i - 1]
+            out = widths[i + 1] if i + 1 < len(widths) else widths[-1]
+            pad = (th - (2 * sh - 1), tw - (2 * sw - 1))
+            layers.append(nn.ConvTranspose2d(ch, out, 3, stride=2, padding=1, output_padding=pad))
+        layers.append(ACTIVATIONS[activation]())
+        layers.append(nn.Conv2d(widths[-1], out_channels, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.body(self.head(z).view(z.shape[0], *self.start))

@@ -1,0 +1,187 @@
+"""The DDPM as an ELBO model: a denoising network wrapped in the Gaussian diffusion of ``diffusion.py``.
+
+Default objective (documented in README): the hybrid loss with learned variances (Nichol & Dhariwal 2021). Ho et
+al.'s simple loss with a fixed variance gives the best samples but a poor bound; the hybrid loss keeps the simple
+loss's samples and adds a good bound, which elbox reports as bits/dim by default. ``loss="simple"`` with
+``var_type="fixed_large"`` is the original DDPM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from elbox.errors import UserError
+from elbox.objectives.base import ELBOModel
+from elbox.objectives.diffusion import (
+    GaussianDiffusion,
+    LossType,
+    MeanType,
+    Schedule,
+    TimestepSampler,
+    VarType,
+    beta_schedule,
+)
+from elbox.objectives.terms import LN2, Terms
+from elbox.samplers import ancestral_sample, ddim_sample, randn
+
+Sampler = Literal["ancestral", "ddim"]
+
+
+@dataclass
+class DDPMConfig:
+    """The DDPM: its schedule, parameterisation, loss and denoising network."""
+
+    timesteps: int = 1000  # T, the number of diffusion steps (Ho et al.: 1000)
+    schedule: Schedule = "linear"  # linear (Ho et al.) or cosine (Nichol & Dhariwal)
+    beta_start: float = 1e-4  # beta_1 of the linear schedule
+    beta_end: float = 0.02  # beta_T of the linear schedule
+    mean_type: MeanType = "epsilon"  # what the network predicts: epsilon, x0 or v
+    var_type: VarType = "learned"  # Sigma_theta: fixed_small (beta-tilde), fixed_large (beta) or learned
+    loss: LossType = "hybrid"  # simple (eps-MSE, Ho eq. 14), vlb (the true bound) or hybrid (simple + lambda vlb)
+    hybrid_lambda: float = 0.001  # lambda of the hybrid loss (Nichol & Dhariwal eq. 16)
+    timestep_sampler: TimestepSampler = "uniform"  # how t is drawn for the vlb loss: uniform or importance
+    net: str = "tiny"  # the denoiser: a U-Net preset (micro, tiny, small, ddpm-cifar10) or mlp (vector data)
+    base_channels: int | None = None  # U-Net width; None keeps the preset's
+    dropout: float | None = None  # U-Net dropout; None keeps the preset's
+    clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] when sampling and evaluating (images only)
+
+    def __post_init__(self) -> None:
+        if self.timesteps < 1:
+            raise UserError(f"timesteps={self.timesteps} is not allowed; use an integer >= 1 (the paper uses 1000)")
+        if not 0.0 < self.hybrid_lambda:
+            raise UserError(f"hybrid_lambda={self.hybrid_lambda} is not allowed; use a value > 0 (paper: 0.001)")
+        if self.loss == "hybrid" and self.var_type != "learned":
+            raise UserError("loss='hybrid' trains only the variance through its vlb part; use var_type='learned'")
+
+
+class DDPM(ELBOModel):
+    """A denoising diffusion probabilistic model (Ho et al. 2020) over images in [-1, 1] or over vectors."""
+
+    kind = "ddpm"
+
+    def __init__(self, config: DDPMConfig, data_shape: tuple[int, ...]) -> None:
+        super().__init__(config, data_shape)
+        self.is_image = len(self.data_shape) == 3
+        self.diffusion = GaussianDiffusion(
+            beta_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end),
+            mean_type=config.mean_type,
+            var_type=config.var_type,
+            loss_type=config.loss,
+            hybrid_lambda=config.hybrid_lambda,
+            timestep_sampler=config.timestep_sampler,
+            decoder="discretized" if self.is_image else "continuous",
+        )
+        self.net = build_denoiser(config, self.data_shape, self.diffusion.model_output_channels_factor)
+        self.clip_denoised = config.clip_denoised and self.is_image
+
+    @property
+    def data_range(self) -> str:
+        return "symmetric"
+
+    # ------------------------------------------------------------------------------------------ training
+    def losses(self, x: Tensor, *, step: int = 0) -> Terms:
+        """One stochastic estimate of the bound and the training loss on a batch x_0 (in [-1, 1]).
+
+        The terms are always the unbiased single-t estimate of the bound, weight * L_t + L_T (nats), whatever
+        the loss; the loss is L_simple (eq. 14), the bound in bits/dim, or L_simple + lambda L_vlb with the
+        gradient of L_vlb stopped at the mean (Nichol & Dhariwal sec. 3.1), i.e. lambda * T * L_t in bits/dim.
+        """
+        d = self.diffusion
+        t, weight = d.sample_timesteps(x.shape[0], x.device)
+        noise = torch.randn_like(x)
+        x_t = d.q_sample(x, t, noise)
+        output = self.net(x_t, t)
+        mean_out, var_out = d.split_output(output, x)
+        mse = (mean_out - d.training_target(x, t, noise)).pow(2).flatten(1).mean(1)
+
+        if d.loss_type == "vlb":
+            vlb_output = output
+        elif d.loss_type == "hybrid":
+            vlb_output = torch.cat([mean_out.detach(), var_out], dim=1)  # L_vlb trains Sigma only
+        else:
+            vlb_output = output.detach()  # reported, not trained on
+        l_t, _ = d.vlb_terms(self.net, x, x_t, t, model_output=vlb_output)
+        prior = d.prior_kl(x)
+        if d.timestep_sampler == "importance":
+            d.update_loss_history(t, l_t.detach())
+
+        steps = weight * l_t  # E_t[weight * L_t] = sum_t L_t
+        if d.loss_type == "simple":
+            loss = mse
+        elif d.loss_type == "vlb":
+            loss = (steps + prior) / (self.dims * LN2)
+        else:
+            loss = mse + d.hybrid_lambda * steps / (self.dims * LN2)
+        return Terms(terms={"steps": steps, "prior": prior}, dims=self.dims, loss=loss, extras={"mse": mse.detach()})
+
+    # ---------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def bound(self, x: Tensor, *, generator: torch.Generator | None = None) -> Terms:
+        """The full variational bound on x_0, every timestep computed (no sampling of t), in nats per example:
+
+        decoder_nll = L_0, kl = (L_1 .. L_{T-1}) one column per step (t = 2..T in the paper's 1-indexing),
+        prior = L_T (Ho et al. eq. 5). Each L_t uses one draw of x_t ~ q(x_t | x_0), as in Nichol & Dhariwal.
+        """
+        d = self.diffusion
+        per_step = []
+        for i in range(d.num_timesteps):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            x_t = d.q_sample(x, t, randn(tuple(x.shape), generator, x.device).to(x.dtype))
+            l_t, _ = d.vlb_terms(self.net, x, x_t, t, clip_denoised=self.clip_denoised)
+            per_step.append(l_t.float())
+        terms = {"decoder_nll": per_step[0]}
+        if len(per_step) > 1:
+            terms["kl"] = torch.stack(per_step[1:], dim=1)
+        terms["prior"] = d.prior_kl(x).float()
+        return Terms(terms=terms, dims=self.dims)
+
+    # ------------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        sampler: Sampler = "ancestral",
+        steps: int | None = None,
+        eta: float = 0.0,
+        progress=None,
+    ) -> Tensor:
+        """n samples in [-1, 1] (images) or in data space (vectors), by ancestral sampling or DDIM."""
+        device = next(self.parameters()).device
+        shape = (n, *self.data_shape)
+        if sampler == "ancestral":
+            if steps not in (None, self.diffusion.num_timesteps):
+                raise UserError(f"ancestral sampling runs all T={self.diffusion.num_timesteps} steps; use --sampler ddim for steps={steps}")
+            return ancestral_sample(self.diffusion, self.net, shape, generator=generator, device=device,
+                                    clip_denoised=self.clip_denoised, progress=progress)
+        if sampler == "ddim":
+            return ddim_sample(self.diffusion, self.net, shape, steps=steps, eta=eta, generator=generator,
+                               device=device, clip_denoised=self.clip_denoised, progress=progress)
+        raise UserError(f"unknown sampler {sampler!r}; choose ancestral or ddim")
+
+
+def build_denoiser(config: DDPMConfig, data_shape: tuple[int, ...], out_factor: int) -> torch.nn.Module:
+    """The network eps_theta(x_t, t): a U-Net for images (C, H, W), an MLP for vectors (D,)."""
+    from elbox.nets.mlp import MLPDenoiser
+    from elbox.nets.unet import UNET_PRESETS, UNet
+
+    if len(data_shape) == 1:
+        if config.net != "mlp":
+            raise UserError(f"net={config.net!r} is a U-Net preset, for images; vector data of shape {tuple(data_shape)} needs net='mlp'")
+        return MLPDenoiser(dim=data_shape[0], out_dim=data_shape[0] * out_factor)
+    if config.net not in UNET_PRESETS:
+        raise UserError(f"net={config.net!r} is not a U-Net preset; choose one of {', '.join(UNET_PRESETS)} (or mlp for vector data)")
+    kwargs = dict(UNET_PRESETS[config.net])
+    if config.base_channels is not None:
+        kwargs["base_channels"] = config.base_channels
+    if config.dropout is not None:
+        kwargs["dropout"] = config.dropout
+    channels, size = data_shape[0], data_shape[1]
+    if data_shape[1] != data_shape[2]:
+        raise UserError(f"images of {data_shape[1]}x{data_shape[2]} are not square; the U-Net needs square images (use --image-size)")
+    return UNet(image_size=size, in_channels=channels, out_channels=channels * out_factor, **kwargs)

@@ -1,0 +1,242 @@
+"""The DDPM's math against closed forms and Monte-Carlo estimates (Ho et al. 2020; Nichol & Dhariwal 2021)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from elbox.errors import UserError
+from elbox.objectives.ddpm import DDPM, DDPMConfig
+from elbox.objectives.diffusion import GaussianDiffusion, beta_schedule
+from elbox.objectives.gaussian import discretized_gaussian_log_likelihood, normal_kl
+from elbox.samplers import ancestral_sample, ddim_sample, ddim_timesteps
+
+
+def make_diffusion(T=1000, schedule="linear", **kw):
+    return GaussianDiffusion(beta_schedule(schedule, T), **kw).double()
+
+
+def test_linear_and_cosine_schedules_match_the_papers():
+    betas = beta_schedule("linear", 1000)
+    assert betas.dtype == np.float64 and betas[0] == 1e-4 and betas[-1] == 0.02 and len(betas) == 1000
+    cos = beta_schedule("cosine", 1000)
+    abar = np.cumprod(1 - cos)
+    # Nichol & Dhariwal eq. 17: alpha-bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2)
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in (1, 100, 500, 900):
+        assert abar[t - 1] == pytest.approx(f(t) / f(0), rel=1e-9)
+    assert cos.max() <= 0.999
+
+
+def test_q_sample_closed_form_matches_iterating_the_forward_chain():
+    """q(x_t|x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (eq. 4) vs iterating q(x_t|x_{t-1}) = N(sqrt(1-b) x, b I)."""
+    torch.manual_seed(0)
+    d = make_diffusion(T=200)
+    x0 = torch.tensor([0.8, -0.5, 0.0], dtype=torch.float64)
+    n = 40_000
+    x = x0.expand(n, 3).clone()
+    betas = d.betas
+    for i in range(200):
+        x = torch.sqrt(1 - betas[i]) * x + torch.sqrt(betas[i]) * torch.randn_like(x)
+        if i in (0, 49, 199):
+            t = torch.full((1,), i)
+            mean, var, logvar = d.q_mean_variance(x0[None], t)
+            se_mean = torch.sqrt(var / n)
+            assert torch.all((x.mean(0) - mean[0]).abs() < 5 * se_mean[0])
+            assert torch.allclose(x.var(0), var[0].expand(3), rtol=0.05)
+            assert torch.allclose(logvar, var.log())
+            xt = d.q_sample(x0.expand(n, 3), t.expand(n))
+            assert torch.all((xt.mean(0) - mean[0]).abs() < 5 * se_mean[0])
+
+
+def test_posterior_matches_bayes_rule():
+    """q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0): the product of two Gaussians, computed independently."""
+    d = make_diffusion(T=1000)
+    torch.manual_seed(1)
+    x0, xt = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    for i in (1, 10, 500, 999):
+        t = torch.full((5,), i)
+        beta = d.betas[i]
+        abar_prev = d.alphas_cumprod[i - 1]
+        # q(x_t | x_{t-1}) as a function of x_{t-1}: precision alpha_t / beta_t around x_t / sqrt(alpha_t)
+        prec_lik = (1 - beta) / beta
+        prec_prior = 1 / (1 - abar_prev)
+        var = 1 / (prec_lik + prec_prior)
+        mean = var * (torch.sqrt(1 - beta) / beta * xt + torch.sqrt(abar_prev) / (1 - abar_prev) * x0)
+        m, v, logv = d.q_posterior_mean_variance(x0, xt, t)
+        assert torch.allclose(m, mean, atol=1e-10)
+        assert torch.allclose(v, var.expand_as(v), rtol=1e-10)
+        assert torch.allclose(logv, torch.log(var).expand_as(logv), rtol=1e-10)
+
+
+def test_normal_kl_matches_torch_distributions():
+    torch.manual_seed(2)
+    m1, m2 = torch.randn(100, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
+    lv1, lv2 = torch.randn(100, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
+    ours = normal_kl(m1, lv1, m2, lv2)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m1, (0.5 * lv1).exp()), torch.distributions.Normal(m2, (0.5 * lv2).exp())
+    )
+    assert torch.allclose(ours, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("mean,log_scale", [(0.0, -3.0), (0.95, -5.0), (-1.3, 0.0), (0.3, -8.0), (2.5, -1.0)])
+def test_discretized_gaussian_sums_to_one_over_256_bins(mean, log_scale):
+    grid = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0  # the 8-bit grid, exactly, in float64
+    logp = discretized_gaussian_log_likelihood(grid, torch.tensor(mean, dtype=torch.float64),
+                                               torch.tensor(log_scale, dtype=torch.float64))
+    assert torch.isfinite(logp).all()
+    assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_discretized_gaussian_gradients_stay_finite_far_in_the_tails():
+    grid = torch.arange(256, dtype=torch.float32) / 127.5 - 1.0
+    mean = torch.full((256,), 5.0, requires_grad=True)
+    discretized_gaussian_log_likelihood(grid, mean, torch.full((256,), -6.0)).sum().backward()
+    assert torch.isfinite(mean.grad).all()
+
+
+class GaussianOracle(nn.Module):
+    """The optimal reverse process for data x_0 ~ N(mu, s^2 I): everything is jointly Gaussian, so
+    E[x_0|x_t] and Var(x_{t-1}|x_t) have closed forms; it outputs them as (epsilon, variance interpolation v)."""
+
+    def __init__(self, d: GaussianDiffusion, mu: float, s: float):
+        super().__init__()
+        self.d, self.mu, self.s2 = d, mu, s * s
+
+    def forward(self, x_t, t):
+        abar = self.d.alphas_cumprod[t][:, None]
+        gain = abar.sqrt() * self.s2 / (abar * self.s2 + 1 - abar)
+        x0_hat = self.mu + gain * (x_t - abar.sqrt() * self.mu)
+        eps = (x_t - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
+        var_x0 = self.s2 * (1 - abar) / (abar * self.s2 + 1 - abar)
+        coef1 = self.d.posterior_mean_coef1[t][:, None]
+        true_var = self.d.posterior_variance[t][:, None] + coef1**2 * var_x0  # Var(x_{t-1}|x_t)
+        lo, hi = self.d.posterior_log_variance_clipped[t][:, None], self.d.log_betas[t][:, None]
+        frac = (true_var.log() - lo) / (hi - lo)  # Nichol & Dhariwal eq. 15 solved for v
+        return torch.cat([eps, (2 * frac - 1).expand_as(eps)], dim=1)
+
+
+def test_vlb_with_the_optimal_denoiser_is_the_true_nll_and_never_below():
+    """Data N(mu, s^2 I) in D dims: with the exact reverse process, the bound's gap KL(q(x_1:T|x_0) || p(x_1:T|x_0))
+    vanishes up to the L_T mismatch (alpha-bar_T ~ 4e-5), so the VLB equals -log q(x_0) in expectation, and the
+    bound may never be below the true NLL (beyond Monte-Carlo error of the single-x_t-per-step estimate)."""
+    torch.manual_seed(3)
+    D, mu, s, n = 2, 0.3, 0.7, 400
+    model = DDPM(DDPMConfig(net="mlp", var_type="learned", loss="hybrid"), (D,)).double()
+    model.net = GaussianOracle(model.diffusion, mu, s)
+    x0 = mu + s * torch.randn(n, D, dtype=torch.float64)
+    terms = model.bound(x0, generator=torch.Generator().manual_seed(0))
+    true_nll = (0.5 * ((x0 - mu) / s) ** 2 + math.log(s) + 0.5 * math.log(2 * math.pi)).sum(1)
+    gap = terms.nll.double() - true_nll
+    se = gap.std() / math.sqrt(n)
+    assert gap.mean() > -3 * se, f"bound below the true NLL: gap {gap.mean():.5f} ± {se:.5f}"
+    assert gap.mean().abs() < 0.01 * D + 3 * se, f"gap {gap.mean():.5f} ± {se:.5f} nats"
+    assert terms.terms["kl"].shape == (n, 999) and terms.terms["prior"].mean() < 1e-3
+
+
+def test_a_worse_denoiser_gives_a_larger_bound():
+    torch.manual_seed(4)
+    model = DDPM(DDPMConfig(net="mlp"), (2,)).double()
+    model.net = GaussianOracle(model.diffusion, 0.3, 0.7)
+    x0 = 0.3 + 0.7 * torch.randn(200, 2, dtype=torch.float64)
+    good = model.bound(x0, generator=torch.Generator().manual_seed(0)).nll.mean()
+    model.net = GaussianOracle(model.diffusion, 0.0, 1.0)  # believes the data is N(0, 1)
+    bad = model.bound(x0, generator=torch.Generator().manual_seed(0)).nll.mean()
+    assert bad > good + 0.05
+
+
+class RandomNet(nn.Module):
+    def __init__(self, channels, out_factor=1):
+        super().__init__()
+        self.conv = nn.Conv2d(channels + 1, channels * out_factor, 3, padding=1)
+
+    def forward(self, x, t):
+        tt = (t.float() / 1000)[:, None, None, None].expand(x.shape[0], 1, *x.shape[2:])
+        return 0.1 * self.conv(torch.cat([x, tt], 1))
+
+
+def test_sampling_is_deterministic_given_a_seed():
+    torch.manual_seed(5)
+    d = GaussianDiffusion(beta_schedule("linear", 50), var_type="fixed_small", loss_type="simple")
+    net = RandomNet(1)
+    a = ancestral_sample(d, net, (4, 1, 8, 8), generator=torch.Generator().manual_seed(7))
+    b = ancestral_sample(d, net, (4, 1, 8, 8), generator=torch.Generator().manual_seed(7))
+    c = ancestral_sample(d, net, (4, 1, 8, 8), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    e = ddim_sample(d, net, (4, 1, 8, 8), steps=10, generator=torch.Generator().manual_seed(7))
+    f = ddim_sample(d, net, (4, 1, 8, 8), steps=10, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(e, f)
+
+
+def test_ddim_eta1_over_all_steps_is_ancestral_sampling():
+    """With eta = 1 and tau = all T steps, sigma_t^2 = beta-tilde_t (Song et al. eq. 16) and the DDIM update is the
+    DDPM posterior step: same seed, same samples (up to rounding); different seeds, same statistics."""
+    torch.manual_seed(6)
+    d = GaussianDiffusion(beta_schedule("linear", 100), var_type="fixed_small", loss_type="simple")
+    net = RandomNet(1)
+    shape = (256, 1, 4, 4)
+    a = ancestral_sample(d, net, shape, generator=torch.Generator().manual_seed(1), clip_denoised=False)
+    b = ddim_sample(d, net, shape, eta=1.0, generator=torch.Generator().manual_seed(1), clip_denoised=False)
+    assert torch.allclose(a, b, atol=1e-4)
+    c = ddim_sample(d, net, shape, eta=1.0, generator=torch.Generator().manual_seed(2), clip_denoised=False)
+    assert abs(float(a.mean() - c.mean())) < 5 * float(a.std()) / math.sqrt(a.numel())
+    assert float(a.std() / c.std()) == pytest.approx(1.0, abs=0.05)
+    det = ddim_sample(d, net, shape, eta=0.0, generator=torch.Generator().manual_seed(1), clip_denoised=False)
+    assert not torch.allclose(det, a, atol=1e-2)  # eta = 0 is a different (deterministic) sampler
+
+
+def test_ddim_timesteps():
+    assert ddim_timesteps(1000, 1000) == list(range(999, -1, -1))
+    tau = ddim_timesteps(1000, 50)
+    assert len(tau) == 50 and tau[0] == 999 and tau[-1] == 0 and tau == sorted(tau, reverse=True)
+    with pytest.raises(UserError):
+        ddim_timesteps(1000, 0)
+
+
+@pytest.mark.parametrize("mean_type", ["epsilon", "x0", "v"])
+def test_parameterisations_agree_on_x0(mean_type):
+    """Feeding each parameterisation its exact target must recover the true x_0 and the true posterior."""
+    d = make_diffusion(T=1000, mean_type=mean_type, var_type="fixed_small", loss_type="simple")
+    torch.manual_seed(7)
+    x0 = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    t = torch.tensor([0, 1, 10, 200, 700, 999])
+    noise = torch.randn_like(x0)
+    xt = d.q_sample(x0, t, noise)
+    out = d.p_mean_variance(None, xt, t, model_output=d.training_target(x0, t, noise))
+    assert torch.allclose(out["pred_x_start"], x0, atol=1e-6)
+    assert torch.allclose(out["mean"], d.q_posterior_mean_variance(x0, xt, t)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(timesteps=0), "timesteps=0"),
+    (dict(beta_start=0.0), "(0, 1)"),
+    (dict(beta_end=1.5), "(0, 1)"),
+    (dict(loss="simple", var_type="learned"), "simple"),
+    (dict(loss="hybrid", var_type="fixed_large"), "hybrid"),
+    (dict(loss="hybrid", timestep_sampler="importance"), "importance"),
+])
+def test_impossible_settings_are_one_line_user_errors(kwargs, fragment):
+    with pytest.raises(UserError) as e:
+        DDPM(DDPMConfig(net="micro", **kwargs), (1, 8, 8))
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_image_size_not_divisible_by_the_unet_downsampling():
+    with pytest.raises(UserError, match="not divisible"):
+        DDPM(DDPMConfig(net="small"), (1, 30, 30))
+
+
+def test_importance_sampling_uses_the_loss_history():
+    d = make_diffusion(T=20, loss_type="vlb", var_type="fixed_small", timestep_sampler="importance")
+    t, w = d.sample_timesteps(8, torch.device("cpu"))
+    assert torch.all(w == 20)  # uniform until every t has 10 values
+    for _ in range(10):
+        d.update_loss_history(torch.arange(20), torch.where(torch.arange(20) == 3, 100.0, 1.0).double())
+    t, w = d.sample_timesteps(4000, torch.device("cpu"))
+    assert (t == 3).float().mean() > 0.8  # p(t) ∝ sqrt(E[L_t^2])
+    # the estimate stays unbiased: E[w L_t] = sum_t L_t
+    losses = torch.where(torch.arange(20) == 3, 100.0, 1.0)
+    assert float((w * losses[t]).mean()) == pytest.approx(float(losses.sum()), rel=0.05)

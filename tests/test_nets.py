@@ -1,0 +1,192 @@
+"""Networks: the DDPM U-Net (Ho et al. 2020, appendix B), the MLP denoiser and the timestep embedding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from elbox.errors import UserError
+from elbox.nets.embeddings import timestep_embedding
+from elbox.nets.mlp import MLPDenoiser
+from elbox.nets.unet import UNET_PRESETS, UNet
+
+
+def randomise_zero_init(model: nn.Module, std: float = 0.05) -> nn.Module:
+    """Give the zero-initialised weight matrices random values, so the output (and gradients) depend on every layer."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0.0, std)
+    return model
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- the timestep embedding ----------------------------------------------------------------------------------
+
+
+def test_timestep_embedding_matches_the_transformer_formula() -> None:
+    t = torch.tensor([0, 1, 999])
+    emb = timestep_embedding(t, 8)
+    assert emb.shape == (3, 8) and emb.dtype == torch.float32
+    # sin(t w_i) then cos(t w_i), w_i = 10000^(-i/4)
+    for i in range(4):
+        w = 10000.0 ** (-i / 4)
+        assert emb[2, i].item() == pytest.approx(math.sin(999 * w), abs=1e-4)
+        assert emb[2, 4 + i].item() == pytest.approx(math.cos(999 * w), abs=1e-4)
+    assert torch.equal(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+
+
+def test_timestep_embedding_takes_real_t_and_odd_dim() -> None:
+    emb = timestep_embedding(torch.tensor([0.5, 0.25]), 7)
+    assert emb.shape == (2, 7)
+    assert torch.all(emb[:, -1] == 0)
+    assert not torch.equal(emb[0], emb[1])
+
+
+# --- the U-Net ------------------------------------------------------------------------------------------------
+
+
+def test_ddpm_cifar10_has_the_papers_parameter_count() -> None:
+    # Ho et al. (2020), appendix B: "Our CIFAR10 model has 35.7 million parameters."
+    model = UNet(image_size=32, in_channels=3, out_channels=3, **UNET_PRESETS["ddpm-cifar10"])
+    assert num_params(model) == pytest.approx(35.7e6, rel=0.01)
+    assert num_params(model) == 35_746_307
+
+
+@pytest.mark.parametrize(
+    ("preset", "size", "batch"),
+    [("ddpm-cifar10", 32, 1), ("small", 28, 2), ("small", 32, 2), ("tiny", 8, 3), ("micro", 8, 3)],
+)
+def test_output_shape_for_each_preset(preset: str, size: int, batch: int) -> None:
+    model = UNet(image_size=size, in_channels=3, out_channels=6, **UNET_PRESETS[preset]).eval()
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        out = model(x, torch.randint(0, 1000, (batch,)))
+    assert out.shape == (batch, 6, size, size)
+    # The final conv starts at zero (reference code's init_scale=0.), so the untrained net predicts 0.
+    assert not out.any()
+
+
+def test_time_embedding_changes_the_output() -> None:
+    model = randomise_zero_init(UNet(image_size=8, in_channels=1, out_channels=2, **UNET_PRESETS["tiny"])).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        early = model(x, torch.tensor([1, 1]))
+        late = model(x, torch.tensor([700, 700]))
+        real = model(x, torch.tensor([1.5, 1.5]))
+    assert not torch.allclose(early, late)
+    assert not torch.allclose(early, real)
+    assert torch.allclose(early, model(x, torch.tensor(1)))  # a scalar t is shared by the batch
+
+
+def test_gradients_reach_every_parameter() -> None:
+    model = randomise_zero_init(UNet(image_size=8, in_channels=1, out_channels=1, **UNET_PRESETS["tiny"]))
+    model(torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,))).square().mean().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert missing == []
+
+
+def test_training_from_zero_init_makes_the_output_depend_on_t() -> None:
+    # Step 1 moves only the output conv (every other gradient passes through its zero weights); t enters the
+    # residual branches, whose zero-initialised last convs start to move at step 2.
+    torch.manual_seed(0)
+    model = UNet(image_size=8, in_channels=1, out_channels=1, **UNET_PRESETS["micro"])
+    x, t = torch.randn(8, 1, 8, 8), torch.randint(0, 1000, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    target = torch.randn_like(x)
+    for _ in range(2):
+        opt.zero_grad()
+        (model(x, t) - target).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(model(x[:1], torch.tensor([3])), model(x[:1], torch.tensor([900])))
+
+
+def test_channels_last_gives_the_same_output() -> None:
+    model = randomise_zero_init(UNet(image_size=8, in_channels=2, out_channels=2, **UNET_PRESETS["tiny"])).eval()
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([5, 50])
+    with torch.no_grad():
+        ref = model(x, t)
+        out = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_falls_back_to_a_divisor_of_the_channel_count() -> None:
+    model = UNet(
+        image_size=8,
+        in_channels=1,
+        out_channels=1,
+        base_channels=48,
+        channel_mult=(1,),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        num_groups=32,
+    )
+    groups = {m.num_channels: m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
+    assert groups == {48: 24, 96: 32}  # 96 = 48 + 48 at the concatenation in the up path
+
+
+def test_multi_head_attention_runs() -> None:
+    model = UNet(
+        image_size=8,
+        in_channels=1,
+        out_channels=1,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8, 4),
+        num_heads=4,
+        dropout=0.0,
+    )
+    assert model(torch.randn(2, 1, 8, 8), torch.tensor([0, 1])).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        (dict(image_size=28, channel_mult=(1, 2, 2, 2)), "image size 28 is not divisible by 8"),
+        (dict(image_size=32, channel_mult=(1, 2), attn_resolutions=(8,)), "attention resolution 8"),
+        (dict(image_size=8, base_channels=0), "base_channels 0"),
+        (dict(image_size=8, dropout=1.0), "dropout 1.0"),
+        (dict(image_size=8, channel_mult=()), "channel_mult ()"),
+        (dict(image_size=8, base_channels=16, channel_mult=(1,), attn_resolutions=(), num_heads=3), "num_heads 3"),
+    ],
+)
+def test_bad_configuration_raises_a_one_line_user_error(kwargs: dict, needle: str) -> None:
+    kwargs = {"in_channels": 1, "out_channels": 1, "attn_resolutions": (), **kwargs}
+    with pytest.raises(UserError) as info:
+        UNet(**kwargs)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+# --- the MLP denoiser -----------------------------------------------------------------------------------------
+
+
+def test_mlp_denoiser_shape_and_time_dependence() -> None:
+    model = randomise_zero_init(MLPDenoiser(dim=2, out_dim=4, hidden=32, depth=2, time_dim=16))
+    x = torch.randn(5, 2)
+    assert model(x, torch.randint(0, 1000, (5,))).shape == (5, 4)
+    assert not torch.allclose(model(x, torch.full((5,), 3)), model(x, torch.full((5,), 800)))
+    assert not torch.allclose(model(x, torch.full((5,), 0.1)), model(x, torch.full((5,), 0.9)))
+
+
+def test_mlp_denoiser_starts_at_zero_and_gradients_reach_every_parameter() -> None:
+    model = MLPDenoiser(dim=2, out_dim=2)
+    x, t = torch.randn(16, 2), torch.randint(0, 1000, (16,))
+    assert not model(x, t).any()
+    randomise_zero_init(model)(x, t).square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
+
+
+def test_mlp_denoiser_rejects_bad_sizes() -> None:
+    with pytest.raises(UserError, match="depth 0"):
+        MLPDenoiser(dim=2, out_dim=2, depth=0)
