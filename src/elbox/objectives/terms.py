@@ -69,9 +69,10 @@ class Terms:
 
     def summary(self) -> dict[str, float]:
         """Batch means of the loss, the negative ELBO, bits/dim, every term and every extra, as floats (for logs)."""
-        out = {"loss": float(self.loss.mean()), "nelbo": float(self.nll.mean()), "bpd": float(self.bpd.mean())}
-        out.update({k: float(v.mean()) for k, v in self.totals().items()})
-        out.update({k: float(v.mean()) for k, v in self.extras.items()})
+        with torch.no_grad():
+            out = {"loss": float(self.loss.mean()), "nelbo": float(self.nll.mean()), "bpd": float(self.bpd.mean())}
+            out.update({k: float(v.mean()) for k, v in self.totals().items()})
+            out.update({k: float(v.mean()) for k, v in self.extras.items()})
         return out
 
     @staticmethod

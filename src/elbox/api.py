@@ -1,0 +1,107 @@
+"""The Python API: load a trained run, sample from it, evaluate it, train one.
+
+    import elbox
+    model = elbox.load("runs/ddpm-digits")            # rebuilt from the checkpoint's JSON, EMA weights
+    x = model.sample(16, generator=torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from elbox.config import DataConfig, EvaluateConfig, SampleConfig, model_from_description
+from elbox.data import from_model, load_dataset, to_model
+from elbox.errors import UserError
+from elbox.evaluate import Evaluation, evaluate_bound, evaluate_iwae
+from elbox.objectives.base import ELBOModel
+from elbox.train import checkpoint as ckpt
+from elbox.train.distributed import resolve_device
+from elbox.viz import image_grid, save_png, scatter_plot
+
+
+def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> ELBOModel:
+    """Rebuild a model from a run folder (its latest checkpoint) or a checkpoint folder; no code is unpickled.
+
+    With ``ema=True`` (the default) the EMA weights are loaded when the checkpoint has them.
+    """
+    state = ckpt.load_checkpoint(path, with_training_state=False)
+    desc = state.description
+    model = model_from_description(desc["kind"], desc["config"], tuple(desc["data_shape"]), str(state.path))
+    weights = state.ema if (ema and state.ema is not None) else state.model
+    ckpt.load_weights(model, weights, state.path / ("ema.safetensors" if weights is state.ema else "model.safetensors"))
+    model.data_config = DataConfig(**desc.get("data", {}))
+    device = resolve_device(device) if isinstance(device, str) else device
+    return model.to(device).eval()
+
+
+def _unused_path(path: Path) -> Path:
+    """``path`` if free, else path with -1, -2, ... appended: nothing the user has is overwritten."""
+    if not path.exists():
+        return path
+    for i in range(1, 10_000):
+        candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise UserError(f"too many files named like {path}; choose --out")
+
+
+def draw(model: ELBOModel, cfg: SampleConfig) -> torch.Tensor:
+    """Samples in the model's data range, following ``cfg`` (prior samples, or a VAE's other modes)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.num < 1:
+        raise UserError(f"--num {cfg.num} is not allowed; draw at least 1 sample")
+    if cfg.mode != "prior":
+        if model.kind != "vae":
+            raise UserError(f"--mode {cfg.mode} needs a VAE; a {model.kind} only draws prior samples (--mode prior)")
+        return _vae_mode(model, cfg, generator)
+    kwargs = {"sampler": cfg.sampler, "steps": cfg.sampling_steps, "eta": cfg.eta} if model.kind == "ddpm" else {}
+    out = []
+    for start in range(0, cfg.num, cfg.batch_size):
+        out.append(model.sample(min(cfg.batch_size, cfg.num - start), generator=generator, **kwargs).cpu())
+    return torch.cat(out)
+
+
+def _vae_mode(model, cfg: SampleConfig, generator: torch.Generator) -> torch.Tensor:
+    device = next(model.parameters()).device
+    if cfg.mode == "manifold":
+        return model.manifold(int(round(cfg.num**0.5))).cpu()
+    data = model.data_config
+    ds = load_dataset(data.data, "test", data_dir=data.data_dir, image_size=data.image_size, channels=data.channels)
+    idx = torch.randperm(len(ds.data), generator=generator)
+    if cfg.mode == "reconstruct":
+        x = to_model(ds.data[idx[: max(1, cfg.num // 2)]], model.data_range, generator=generator).to(device)
+        rec = model.reconstruct(x)
+        return torch.stack([x, rec], dim=1).flatten(0, 1).cpu()  # originals and reconstructions side by side
+    x = to_model(ds.data[idx[:2]], model.data_range, generator=generator).to(device)
+    return model.interpolate(x[:1], x[1:2], max(2, cfg.num)).cpu()
+
+
+def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: Path | None = None) -> Path:
+    """Draw samples per ``cfg`` and write them as a PNG grid (a scatter plot for 2-D vector data)."""
+    x = draw(model, cfg)
+    run_dir = ckpt.resolve_checkpoint(run).parent.parent
+    path = _unused_path(out or run_dir / f"samples-{cfg.mode}-seed{cfg.seed}.png")
+    if len(model.data_shape) == 3:
+        nrow = 2 if cfg.mode == "reconstruct" and cfg.num <= 4 else None
+        return save_png(image_grid(from_model(x, model.data_range), nrow=nrow), path)
+    return save_png(scatter_plot(x.numpy()), path)
+
+
+def evaluate(model: ELBOModel, run: Path, cfg: EvaluateConfig, progress: bool = False) -> Evaluation:
+    device = next(model.parameters()).device
+    common = dict(examples=cfg.examples, batch_size=cfg.batch_size, device=device, split=cfg.split, seed=cfg.seed,
+                  progress=progress)
+    if cfg.metric == "nll":
+        return evaluate_iwae(model, model.data_config, k=cfg.k, **common)
+    result = evaluate_bound(model, model.data_config, **common)
+    result.metric = cfg.metric
+    if cfg.per_step:
+        if result.per_step is None:
+            raise UserError(f"--per-step needs a DDPM (one term per timestep); a {model.kind} has none")
+        path = Path(cfg.per_step)
+        path.write_text(json.dumps({"nats_per_example": result.per_step, "dims": result.dims,
+                                    "labels": ["L_0"] + [f"L_{t}" for t in range(1, len(result.per_step) - 1)] + ["L_T"]}))
+    return result

@@ -1,0 +1,249 @@
+"""``elbox train | sample | evaluate``: the command line, generated from the config dataclasses.
+
+Every flag comes from a field of a dataclass in ``elbox.config`` (name, type, choices, default and help text), so
+nothing is written twice. A user's mistake is reported on one line (``elbox: error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from elbox.config import (
+    MODELS,
+    DataConfig,
+    EvaluateConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+    build_dataclass,
+    field_types,
+    load_run_config,
+    run_config_from_dict,
+    unwrap_optional,
+)
+from elbox.errors import UserError
+
+PROG = "elbox"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line naming the flag, with the nearest valid flag suggested."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):
+            unknown = message.split(":", 1)[1].split()
+            known = [s for a in self._actions for s in a.option_strings]
+            flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+            if flags:
+                close = difflib.get_close_matches(flags[0], known, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]}?" if close else f"; see `{self.prog} --help`"
+                message = f"unknown flag {flags[0]}{hint}"
+            else:
+                message = f"unexpected argument {unknown[0]!r}; see `{self.prog} --help`"
+        raise UserError(f"{self.prog}: {message}")
+
+
+# ------------------------------------------------------------------------------------ dataclass -> flags
+def _field_help(cls: type) -> dict[str, str]:
+    """The comment after each field in the dataclass's source: the flag's help text."""
+    import inspect
+
+    out = {}
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        stripped = line.strip()
+        if ":" in stripped and "#" in stripped and not stripped.startswith(("#", '"')):
+            name = stripped.split(":", 1)[0].strip()
+            out[name] = stripped.split("#", 1)[1].strip()
+    return out
+
+
+def _converter(tp: Any, flag: str):
+    inner, optional = unwrap_optional(tp)
+
+    def convert(text: str) -> Any:
+        if optional and text.lower() == "none":
+            return None
+        try:
+            return inner(text)
+        except ValueError:
+            kind = {int: "an integer", float: "a number"}.get(inner, inner.__name__)
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+
+    convert.__name__ = getattr(inner, "__name__", "value")
+    return convert
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, dest_prefix: str, title: str) -> None:
+    """One flag per field: --field-name, typed, with choices for Literals and --x/--no-x for booleans.
+
+    Flags default to SUPPRESS so that only the flags a user gave override the defaults or a --config file.
+    """
+    group = parser.add_argument_group(title)
+    helps = _field_help(cls)
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory()) for f in dataclasses.fields(cls)}
+    for name, tp in field_types(cls).items():
+        flag = "--" + name.replace("_", "-")
+        default = defaults[name]
+        help_text = f"{helps.get(name, '')} (default: {'none' if default is None else default})"
+        kwargs: dict[str, Any] = {"dest": f"{dest_prefix}.{name}", "default": argparse.SUPPRESS, "help": help_text}
+        inner, _ = unwrap_optional(tp)
+        if inner is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif get_origin(inner) is Literal:
+            group.add_argument(flag, choices=list(get_args(inner)), metavar="{" + ",".join(get_args(inner)) + "}", **kwargs)
+        elif get_origin(inner) is tuple:
+            group.add_argument(flag, nargs="+", type=_converter(get_args(inner)[0], flag), metavar="N", **kwargs)
+        else:
+            group.add_argument(flag, type=_converter(tp, flag), metavar=getattr(inner, "__name__", "X").upper(), **kwargs)
+
+
+def given(ns: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    """The flags of one dataclass that the user actually gave, as {field: value}."""
+    out = {}
+    for key, value in vars(ns).items():
+        if key.startswith(prefix + "."):
+            out[key.split(".", 1)[1]] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _override(obj: Any, values: dict[str, Any], section: str) -> Any:
+    merged = {**dataclasses.asdict(obj), **values}
+    return build_dataclass(type(obj), merged, section)
+
+
+# -------------------------------------------------------------------------------------------- commands
+def _train_parser(model: str) -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=f"{PROG} train [{'|'.join(MODELS)}]",
+        description=f"Train a {model.upper()} by maximising its ELBO. Writes a run folder: config.toml, checkpoints, "
+        "metrics.jsonl, samples, loss.png. Other models: " + ", ".join(f"`elbox train {m} --help`" for m in MODELS),
+    )
+    p.add_argument("--out", type=Path, help="the run folder to write (default: runs/<model>-<data>)")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this folder from its latest checkpoint")
+    p.add_argument("--config", type=Path, metavar="FILE", help="read settings from a TOML file; flags override it")
+    add_dataclass_flags(p, MODELS[model][0], "model", f"{model} model")
+    add_dataclass_flags(p, DataConfig, "data", "data")
+    add_dataclass_flags(p, TrainConfig, "train", "training")
+    return p
+
+
+def cmd_train(argv: list[str]) -> int:
+    from elbox.train.loop import train
+
+    named = bool(argv) and argv[0] in MODELS  # `elbox train vae ...`; the default model is the DDPM
+    model = argv.pop(0) if named else "ddpm"
+    ns = _train_parser(model).parse_args(argv)
+    if ns.resume is not None:
+        if ns.config is not None:
+            raise UserError("--resume reads the run's own config.toml; leave out --config (flags such as --steps still apply)")
+        base = load_run_config(ns.resume / "config.toml") if (ns.resume / "config.toml").is_file() else None
+        if base is None:
+            raise UserError(f"cannot resume {ns.resume}: it holds no config.toml (is it a folder written by `elbox train --out`?)")
+        if named and model != base.model:
+            raise UserError(f"{ns.resume} is a {base.model} run, not {model}")
+        out = ns.resume
+    else:
+        base = load_run_config(ns.config) if ns.config else run_config_from_dict({"model": model})
+        if ns.config and named and base.model != model:
+            raise UserError(f"{ns.config} configures a {base.model}, but the command line asks for {model}")
+        out = ns.out or Path("runs") / f"{base.model}-{base.data.data.replace(':', '-').replace('/', '-')}"
+    if base.model != model and (given(ns, "model")):
+        raise UserError(f"flags for {model} given, but the run is a {base.model}; use `elbox train {base.model} ...`")
+    cfg = RunConfig(
+        model=base.model,
+        model_config=_override(base.model_config, given(ns, "model"), base.model),
+        data=_override(base.data, given(ns, "data"), "data"),
+        train=_override(base.train, given(ns, "train"), "train"),
+    )
+    result = train(cfg, out, resume=ns.resume is not None)
+    if result.checkpoint is None:  # a non-main rank under torchrun
+        return 0
+    parts = [f"trained {cfg.model} to step {result.step} in {result.seconds:.0f} s ({result.images_per_second:.0f} img/s)"]
+    if result.interrupted:
+        parts.append("stopped by a signal; resume with `elbox train --resume " + str(out) + "`")
+    parts.append(f"checkpoint: {result.checkpoint}")
+    if result.heldout_bpd is not None:
+        parts.append(f"held-out bound: {result.heldout_bpd:.4f} bits/dim ({cfg.train.final_eval_examples} examples max)")
+    if result.samples is not None:
+        parts.append(f"samples: {result.samples}")
+    print("elbox: " + "; ".join(parts), flush=True)
+    return 0
+
+
+def cmd_sample(argv: list[str]) -> int:
+    from elbox.api import load, write_sample_png
+
+    p = OneLineParser(prog=f"{PROG} sample", description="Draw samples from a trained run and write them as a PNG grid.")
+    p.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--out", type=Path, help="the PNG to write (default: RUN/samples-<mode>-seed<SEED>.png); never overwrites")
+    add_dataclass_flags(p, SampleConfig, "sample", "sampling")
+    ns = p.parse_args(argv)
+    cfg = build_dataclass(SampleConfig, given(ns, "sample"), "sample")
+    model = load(ns.run, ema=cfg.ema, device=cfg.device)
+    path = write_sample_png(model, ns.run, cfg, ns.out)
+    print(f"elbox: wrote {path}", flush=True)
+    return 0
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from elbox.api import evaluate, load
+
+    p = OneLineParser(prog=f"{PROG} evaluate", description="Measure a trained run on held-out data: the negative "
+                      "ELBO in bits/dim (every DDPM timestep computed) or, for a VAE, the IWAE estimate of -log p(x).")
+    p.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line only")
+    add_dataclass_flags(p, EvaluateConfig, "evaluate", "evaluation")
+    ns = p.parse_args(argv)
+    cfg = build_dataclass(EvaluateConfig, given(ns, "evaluate"), "evaluate")
+    model = load(ns.run, ema=cfg.ema, device=cfg.device)
+    result = evaluate(model, ns.run, cfg, progress=not ns.json)
+    if ns.json:
+        print(json.dumps(result.to_dict() | {"per_step": None}))
+        return 0
+    name = "-log p(x) (IWAE, K=%d)" % result.k if result.metric == "nll" else "negative ELBO"
+    print(f"{name} on {result.examples} held-out examples of {result.dims} dims:")
+    print(f"  {result.nats:.3f} ± {result.nats_stderr:.3f} nats/example   {result.bpd:.4f} ± {result.bpd_stderr:.4f} bits/dim")
+    for term, value in result.terms.items():
+        print(f"  {term:>12}: {value:.3f} nats/example")
+    if cfg.per_step:
+        print(f"  per-timestep terms written to {cfg.per_step}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = OneLineParser(prog=PROG, description="elbox: VAEs and DDPMs, both trained by maximising an evidence lower "
+                        "bound. Commands: train, sample, evaluate; `elbox COMMAND --help` for each.")
+    top.add_argument("command", choices=list(COMMANDS), help="train | sample | evaluate")
+    top.add_argument("--version", action="version", version=f"elbox {__import__('elbox').__version__}")
+    try:
+        if not argv or argv[0] in ("-h", "--help", "--version"):
+            top.parse_args(argv or ["--help"])
+            return 0
+        if argv[0] not in COMMANDS:
+            close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+            raise UserError(f"unknown command {argv[0]!r}" + (f"; did you mean {close[0]!r}?" if close else f"; use one of {', '.join(COMMANDS)}"))
+        return COMMANDS[argv[0]](argv[1:])
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Pictures a user opens: grids of images, scatter plots of 2-D samples, loss curves. PNG via Pillow only."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, min_cell: int = 64) -> Image.Image:
+    """Tile uint8 images (N, C, H, W) into one picture; small images are scaled up (nearest) to >= min_cell px."""
+    images = images.detach().cpu()
+    if images.dtype != torch.uint8:
+        raise TypeError("image_grid takes uint8 images; convert with elbox.data.from_model first")
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    ncol = int(math.ceil(n / nrow))
+    scale = max(1, int(math.ceil(min_cell / max(h, w))))
+    hs, ws = h * scale, w * scale
+    grid = np.full((ncol * (hs + pad) + pad, nrow * (ws + pad) + pad, 3), 255, dtype=np.uint8)
+    arr = images.numpy()
+    for i in range(n):
+        img = arr[i].transpose(1, 2, 0)
+        img = np.repeat(img, 3, axis=2) if c == 1 else img[..., :3]
+        img = img.repeat(scale, axis=0).repeat(scale, axis=1)
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (hs + pad), pad + col * (ws + pad)
+        grid[y : y + hs, x : x + ws] = img
+    return Image.fromarray(grid)
+
+
+def scatter_plot(points: np.ndarray, size: int = 512, extent: float | None = None) -> Image.Image:
+    """A 2-D scatter plot of points (N, 2) on a white square, axes through the origin."""
+    points = np.asarray(points, dtype=np.float64)[:, :2]
+    extent = extent or float(np.quantile(np.abs(points), 0.995)) * 1.1 or 1.0
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    mid = size / 2
+    draw.line([(0, mid), (size, mid)], fill=(200, 200, 200))
+    draw.line([(mid, 0), (mid, size)], fill=(200, 200, 200))
+    px = (points[:, 0] / extent + 1) * mid
+    py = (1 - points[:, 1] / extent) * mid
+    for x, y in zip(px, py):
+        draw.point((float(x), float(y)), fill=(31, 119, 180))
+    return img
+
+
+def line_plot(series: dict[str, Sequence[tuple[float, float]]], title: str, size: tuple[int, int] = (640, 400)) -> Image.Image:
+    """A simple line chart of named (x, y) series with min/max labels; enough for a loss curve."""
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, 20, 30, 40
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+    all_pts = [p for pts in series.values() for p in pts if math.isfinite(p[1])]
+    draw.text((left, 8), title, fill="black")
+    if len(all_pts) < 2:
+        draw.text((left, h // 2), "not enough points yet", fill="black")
+        return img
+    xs, ys = [p[0] for p in all_pts], [p[1] for p in all_pts]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    draw.rectangle([left, top, w - right, h - bottom], outline=(120, 120, 120))
+    draw.text((4, top), f"{y1:.4g}", fill="black")
+    draw.text((4, h - bottom - 10), f"{y0:.4g}", fill="black")
+    draw.text((left, h - bottom + 6), f"{x0:g}", fill="black")
+    draw.text((w - right - 60, h - bottom + 6), f"step {x1:g}", fill="black")
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+
+    for k, (name, pts) in enumerate(series.items()):
+        colour = colours[k % len(colours)]
+        finite = [to_px(x, y) for x, y in pts if math.isfinite(y)]
+        if len(finite) > 1:
+            draw.line(finite, fill=colour, width=2)
+        draw.text((w - right - 150, top + 6 + 14 * k), name, fill=colour)
+    return img
+
+
+def save_png(img: Image.Image, path: str | Path) -> Path:
+    """Write a PNG atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
