@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from elbox.config import DataConfig, EvaluateConfig, SampleConfig, model_from_description
-from elbox.data import from_model, load_dataset, to_model
+from elbox.data import from_model, to_model
 from elbox.errors import UserError
 from elbox.evaluate import Evaluation, evaluate_bound, evaluate_iwae
 from elbox.objectives.base import ELBOModel
@@ -69,7 +69,7 @@ def _vae_mode(model, cfg: SampleConfig, generator: torch.Generator) -> torch.Ten
     if cfg.mode == "manifold":
         return model.manifold(int(round(cfg.num**0.5))).cpu()
     data = model.data_config
-    ds = load_dataset(data.data, "test", data_dir=data.data_dir, image_size=data.image_size, channels=data.channels)
+    ds = data.load("test")
     idx = torch.randperm(len(ds.data), generator=generator)
     if cfg.mode == "reconstruct":
         x = to_model(ds.data[idx[: max(1, cfg.num // 2)]], model.data_range, generator=generator).to(device)

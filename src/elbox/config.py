@@ -42,6 +42,15 @@ class DataConfig:
     channels: int | None = None  # convert images to this many channels, 1 or 3 (default: the data set's own)
     hflip: bool = False  # random horizontal flips (Ho et al. use them on CIFAR-10)
     skip_bad: bool = False  # skip unreadable image files (and report how many) instead of stopping
+    download: bool | None = None  # fetch missing standard data sets (default: when the machine is online)
+    verify: bool = True  # check known data files against their published checksums
+
+    def load(self, split: str = "train"):
+        """This data set's ``split``, in memory as uint8 images (or float vectors): see ``elbox.data``."""
+        from elbox.data import load_dataset
+
+        return load_dataset(self.data, split, data_dir=self.data_dir, image_size=self.image_size,
+                            channels=self.channels, download=self.download, skip_bad=self.skip_bad, verify=self.verify)
 
 
 @dataclass

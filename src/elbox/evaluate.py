@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from elbox.config import DataConfig
-from elbox.data import load_dataset, to_model
+from elbox.data import to_model
 from elbox.errors import UserError
 from elbox.objectives.base import ELBOModel
 from elbox.objectives.terms import Terms, bits_per_dim
@@ -47,8 +47,7 @@ def heldout_data(model: ELBOModel, data: DataConfig, examples: int, split: str, 
 
     Binarized data gets one fixed binarization drawn with ``seed``, so every evaluation sees the same test set.
     """
-    ds = load_dataset(data.data, split, data_dir=data.data_dir, image_size=data.image_size, channels=data.channels,
-                      skip_bad=data.skip_bad)
+    ds = data.load(split)
     if tuple(ds.shape) != tuple(model.data_shape):
         raise UserError(f"data set {data.data!r} has examples of shape {tuple(ds.shape)} but the model was trained on "
                         f"{tuple(model.data_shape)}; pass the same --data/--image-size/--channels as in training")
