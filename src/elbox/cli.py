@@ -2,6 +2,7 @@
 
 Every flag comes from a field of a dataclass in ``elbox.config`` (name, type, choices, default and help text), so
 nothing is written twice. A user's mistake is reported on one line (``elbox: error: ...``) with exit status 2.
+A training run stopped by SIGINT/SIGTERM saves a checkpoint and exits with 130/143 (128 + the signal's number).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -166,18 +168,20 @@ def cmd_train(argv: list[str]) -> int:
         train=_override(base.train, given(ns, "train"), "train"),
     )
     result = train(cfg, out, resume=ns.resume is not None)
-    if result.checkpoint is None:  # a non-main rank under torchrun
-        return 0
+    # stopped by a signal: exit as a shell reports it (130 SIGINT, 143 SIGTERM), so `train && next` does not go on
+    code = 128 + signal.Signals[result.stopped_by].value if result.stopped_by else 0
+    if not result.is_main:  # another rank under torchrun: rank 0 reports
+        return code
     parts = [f"trained {cfg.model} to step {result.step} in {result.seconds:.0f} s ({result.images_per_second:.0f} img/s)"]
-    if result.interrupted:
-        parts.append("stopped by a signal; resume with `elbox train --resume " + str(out) + "`")
-    parts.append(f"checkpoint: {result.checkpoint}")
+    if result.stopped_by:
+        parts.append(f"stopped by {result.stopped_by} after saving; continue with `elbox train --resume {out}`")
+    if result.skipped:
+        parts.append(f"{result.skipped} step(s) skipped for NaN/Inf")
     if result.heldout_bpd is not None:
         parts.append(f"held-out bound: {result.heldout_bpd:.4f} bits/dim ({cfg.train.final_eval_examples} examples max)")
-    if result.samples is not None:
-        parts.append(f"samples: {result.samples}")
+    parts.append("wrote " + ", ".join(map(str, result.written())))
     print("elbox: " + "; ".join(parts), flush=True)
-    return 0
+    return code
 
 
 def cmd_sample(argv: list[str]) -> int:

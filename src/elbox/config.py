@@ -67,6 +67,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # decay of the exponential moving average of the weights (0 turns EMA off)
     precision: Precision = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler)
     compile: bool = False  # torch.compile the networks
+    compile_backend: str = "inductor"  # the torch.compile backend (inductor; aot_eager or eager to debug a compile problem)
     channels_last: bool = False  # channels-last memory format for the networks (faster convolutions on GPUs)
     device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda when available)
     seed: int = 0  # seeds the weights, the data order and every random draw of training

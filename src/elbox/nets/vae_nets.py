@@ -9,6 +9,9 @@ log p(x|z)).
 - ``ConvEncoder`` / ``ConvDecoder``: a convolutional pair for images of any size and channel count: one stride-2
   stage per entry of ``channels`` (sizes rounded up, so odd sizes work), each followed by ``res_blocks`` residual
   blocks, and a linear map between the last feature map and z.
+- ``ARContext``: a PixelCNN-style masked convolution over the pixels that come before each pixel in raster order
+  (van den Oord et al. 2016), whose output the VAE adds to the decoder's parameters: an autoregressive decoder
+  p(x|z) = prod_i p(x_i | z, x_<i) with a small receptive field, as in PixelVAE (Gulrajani et al. 2017).
 """
 
 from __future__ import annotations
@@ -144,3 +147,41 @@ class ConvDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.body(self.head(z).view(z.shape[0], *self.start))
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A convolution that sees only the pixels before the centre in raster order (PixelCNN's mask "A").
+
+    All channels of a pixel are masked together, so the pixels are ordered and the channels of one pixel are
+    conditionally independent given everything before it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        mask = torch.ones_like(self.weight)
+        c = kernel_size // 2
+        mask[:, :, c, c:] = 0  # the centre and everything right of it
+        mask[:, :, c + 1 :] = 0  # every row below
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.weight * self.mask, self.bias)
+
+
+class ARContext(nn.Module):
+    """x (B, C, H, W) -> (B, out_channels, H, W), where output pixel i depends only on input pixels before i.
+
+    One masked ``kernel_size`` convolution, a nonlinearity and a 1x1 convolution. The last layer starts at zero,
+    so a fresh model is a factorized decoder and learns how much context to use.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.masked = MaskedConv2d(in_channels, hidden, kernel_size)
+        self.act = ACTIVATIONS[activation]()
+        self.out = nn.Conv2d(hidden, out_channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.act(self.masked(x)))

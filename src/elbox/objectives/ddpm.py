@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from elbox.errors import UserError
+from elbox.objectives import draws
 from elbox.objectives.base import ELBOModel
 from elbox.objectives.diffusion import (
     GaussianDiffusion,
@@ -92,7 +93,7 @@ class DDPM(ELBOModel):
         """
         d = self.diffusion
         t, weight = d.sample_timesteps(x.shape[0], x.device)
-        noise = torch.randn_like(x)
+        noise = draws.randn_like(x)
         x_t = d.q_sample(x, t, noise)
         output = self.net(x_t, t)
         mean_out, var_out = d.split_output(output, x)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from elbox.errors import UserError
+from elbox.objectives import draws
 from elbox.objectives.gaussian import discretized_gaussian_log_likelihood, gaussian_log_prob, normal_kl
 
 Schedule = Literal["linear", "cosine"]
@@ -272,9 +273,9 @@ class GaussianDiffusion(nn.Module):
             # p(t) ∝ sqrt(E[L_t^2]) over the stored history, mixed with a little uniform mass.
             weights = torch.sqrt((self.loss_history**2).mean(dim=1))
             probs = weights / weights.sum() * (1 - 1e-3) + 1e-3 / T
-            t = torch.multinomial(probs.float(), batch_size, replacement=True).to(device)
+            t = draws.multinomial(probs.float(), batch_size).to(device)
             return t, (1.0 / probs.to(device)[t]).float()
-        t = torch.randint(0, T, (batch_size,), device=device)
+        t = draws.randint(T, batch_size, device)
         return t, torch.full((batch_size,), float(T), device=device)
 
     @torch.no_grad()

@@ -3,13 +3,18 @@
 A checkpoint is a folder ``RUN/checkpoints/step-NNNNNNN/`` holding
 - ``model.safetensors`` and ``ema.safetensors``: the weights (and persistent buffers) of the model and its EMA;
 - ``optimizer.safetensors``: the optimizer's tensors; its other state goes in the manifest;
-- ``rng.safetensors``: every random-number generator's state, for exact resume;
+- ``rng.safetensors``: the random-number generators' states of every process, for exact resume;
 - ``manifest.json``, written last: the model's description (kind, config, data shape) from which it is rebuilt,
-  the step, the data loader's position, and the sha256 of every other file.
+  the step, the data loader's position, the sha256 of every other file, and a checksum of the manifest itself.
 
-It is written into a temporary folder, each file fsync'ed, then renamed into place, so a reader sees either the
-whole checkpoint or none of it; a file that was truncated or changed afterwards fails its checksum and is refused.
-Nothing is unpickled: tensors come from safetensors, everything else from JSON.
+Crash safety: the folder is first written as ``checkpoints/.step-NNNNNNN.tmp<pid>`` (each file fsync'ed), then
+renamed into place and the parent fsync'ed, so a reader sees either the whole checkpoint or none of it; dot-folders
+are never taken for checkpoints. Old checkpoints are pruned by renaming them to a dot-folder first, so a crash
+mid-delete cannot leave a half-deleted folder that looks like a checkpoint. A save that fails (a full disk) removes
+its temporary folder and leaves the earlier checkpoints as they were.
+
+Integrity: a file that was truncated or changed fails its checksum and is refused, on one line. Nothing is
+unpickled: tensors come from safetensors, everything else from JSON.
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as safetensors_bytes
 
 from elbox.errors import UserError
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{7,})$")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 # --------------------------------------------------------------------------------------------- file helpers
@@ -52,16 +59,40 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+def write_bytes_durably(path: Path, data: bytes) -> None:
+    """Write and fsync: when this returns, the bytes are on the disk (or an OSError said why not)."""
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
 
 
-def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` so that a crash leaves either the old or the new file, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write_bytes_durably(tmp, text.encode())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _manifest_checksum(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of names, dtypes, shapes and bytes: equal digests mean bit-identical tensors (to compare processes)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
@@ -89,20 +120,19 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def rng_states() -> dict[str, torch.Tensor]:
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's generator states: torch's CPU generator and, training on a GPU, that GPU's (only that one:
+    asking every visible GPU would open a CUDA context on each from every process)."""
     states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            states[f"cuda{i}"] = s
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def restore_rng_states(states: dict[str, torch.Tensor]) -> None:
+def restore_rng_states(states: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
-    if torch.cuda.is_available():
-        cuda = [states[k] for k in sorted(states) if k.startswith("cuda")]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 # ------------------------------------------------------------------------------------------------- saving
@@ -115,7 +145,7 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor] | None
     optimizer: dict[str, Any] | None
-    rng: dict[str, torch.Tensor] | None
+    rng: dict[str, dict[str, torch.Tensor]] | None  # per rank: {"0": {"torch": ..., "cuda": ...}, ...}
 
     @property
     def step(self) -> int:
@@ -134,74 +164,72 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor],
     ema_state: dict[str, torch.Tensor] | None,
     optimizer_state: dict[str, Any] | None,
+    rng: dict[str, dict[str, torch.Tensor]],
     extra: dict[str, Any],
     keep: int,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the ``keep`` newest. Returns its folder.
 
-    If the disk fills up (or any write fails) the half-written folder is removed, the previous checkpoints are
-    untouched, and a UserError says so.
+    ``rng`` holds each rank's generator states, keyed by rank. A complete checkpoint of the same step is kept as it
+    is (after a resume it holds the same state), so that no moment exists in which it is missing. If the disk fills
+    up (or any write fails) the half-written folder is removed, the previous checkpoints are untouched, and a
+    UserError says so.
     """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
+    if (final / MANIFEST).is_file():
+        return final
     tmp = root / f".step-{step:07d}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        files = {"model.safetensors": _contiguous(model_state), "rng.safetensors": rng_states()}
+        files = {"model.safetensors": _cpu(model_state),
+                 "rng.safetensors": {f"{rank}/{k}": v for rank, s in rng.items() for k, v in s.items()}}
         if ema_state is not None:
-            files["ema.safetensors"] = _contiguous(ema_state)
+            files["ema.safetensors"] = _cpu(ema_state)
         optimizer_meta = None
         if optimizer_state is not None:
             opt_tensors, optimizer_meta = optimizer_to_flat(optimizer_state)
-            files["optimizer.safetensors"] = _contiguous(opt_tensors)
+            files["optimizer.safetensors"] = _cpu(opt_tensors)
         digests = {}
         for name, tensors in files.items():
-            save_file(tensors, str(tmp / name))
-            fsync_path(tmp / name)
-            digests[name] = sha256(tmp / name)
-        manifest = {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "model": description,
-            "optimizer": optimizer_meta,
-            "files": digests,
-            **extra,
-        }
-        write_json_atomic(tmp / MANIFEST, manifest)
+            data = safetensors_bytes(tensors)
+            write_bytes_durably(tmp / name, data)
+            digests[name] = hashlib.sha256(data).hexdigest()
+        manifest = {"format": FORMAT_VERSION, "step": step, "model": description, "optimizer": optimizer_meta,
+                    "files": digests, **extra}
+        manifest["checksum"] = _manifest_checksum(manifest)
+        write_bytes_durably(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         fsync_path(tmp)
-        if final.exists():  # a checkpoint of the same step (re-saved after a resume): replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
+        tmp.rename(final)  # the moment the checkpoint appears, whole
         fsync_path(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir, verify=False)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else f"{e.strerror or e}"
+        reason = f"the disk is full ({e.strerror})" if e.errno in DISK_FULL else f"{e.strerror or e}"
         raise UserError(f"could not save checkpoint {final}: {reason}; {kept}") from None
     prune_checkpoints(root, keep)
     return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first (temporary folders of interrupted saves are ignored)."""
+    """Complete checkpoint folders of a run, oldest first (temporary and half-deleted dot-folders are not)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name) and (p / MANIFEST).is_file()]
+    found = [p for p in root.iterdir() if CHECKPOINT_RE.match(p.name) and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    for stale in root.glob(".step-*.tmp*"):
-        if stale.name.endswith(f".tmp{os.getpid()}"):
-            continue
-        shutil.rmtree(stale, ignore_errors=True)
-    ckpts = list_checkpoints(root.parent)
-    for old in ckpts[: max(0, len(ckpts) - max(1, keep))]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the ``keep`` newest checkpoints; remove older ones and the leftovers of interrupted saves."""
+    for old in list_checkpoints(root.parent)[: -max(1, keep)]:
+        trash = root / f".{old.name}.del{os.getpid()}"
+        old.rename(trash)  # from here on it is no longer a checkpoint, even if the delete below is cut short
+    for leftover in root.glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path, verify: bool = True) -> Path | None:
@@ -209,7 +237,11 @@ def latest_checkpoint(run_dir: Path, verify: bool = True) -> Path | None:
     if not ckpts:
         return None
     if verify:
-        read_manifest(ckpts[-1], verify=True)
+        try:
+            read_manifest(ckpts[-1], verify=True)
+        except UserError as e:
+            hint = f"; delete it to go back to {ckpts[-2]}" if len(ckpts) > 1 else ""
+            raise UserError(f"{e}{hint}") from None
     return ckpts[-1]
 
 
@@ -220,7 +252,7 @@ def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
-        manifest["step"], manifest["model"]["kind"]
+        manifest["step"], manifest["model"]["kind"], manifest["checksum"]
     except FileNotFoundError:
         raise UserError(f"{path} is not an elbox checkpoint: {MANIFEST} is missing") from None
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
@@ -228,6 +260,8 @@ def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
     if manifest.get("format") != FORMAT_VERSION:
         raise UserError(f"{mpath}: checkpoint format {manifest.get('format')!r} is not {FORMAT_VERSION}, the one this elbox reads")
     if verify:
+        if _manifest_checksum(manifest) != manifest["checksum"]:
+            raise UserError(f"checkpoint manifest {mpath} does not match its checksum (modified); refusing to load it")
         for name, digest in files.items():
             fpath = Path(path) / name
             if not fpath.is_file():
@@ -239,7 +273,7 @@ def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
+        return load_safetensors_bytes(path.read_bytes())
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"checkpoint file {path} cannot be read as safetensors ({e})") from None
 
@@ -262,12 +296,15 @@ def load_checkpoint(path: str | Path, *, with_training_state: bool = True) -> Ch
     path = resolve_checkpoint(path)
     manifest = read_manifest(path, verify=True)
     model = _load_tensors(path / "model.safetensors")
-    ema = _load_tensors(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
+    ema = _load_tensors(path / "ema.safetensors") if "ema.safetensors" in manifest["files"] else None
     optimizer = rng = None
     if with_training_state:
         if manifest.get("optimizer") is not None:
             optimizer = optimizer_from_flat(_load_tensors(path / "optimizer.safetensors"), manifest["optimizer"])
-        rng = _load_tensors(path / "rng.safetensors")
+        rng = {}
+        for key, value in _load_tensors(path / "rng.safetensors").items():
+            rank, name = key.split("/", 1)
+            rng.setdefault(rank, {})[name] = value
     return Checkpoint(path=path, manifest=manifest, model=model, ema=ema, optimizer=optimizer, rng=rng)
 
 
@@ -276,9 +313,10 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    wrong = [k for k in own if k in state and (tuple(own[k].shape) != tuple(state[k].shape) or own[k].dtype != state[k].dtype)]
     if missing or unexpected or wrong:
         detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
+                  else f"{wrong[0]} is {state[wrong[0]].dtype} {tuple(state[wrong[0]].shape)}, expected "
+                  f"{own[wrong[0]].dtype} {tuple(own[wrong[0]].shape)}")
         raise UserError(f"{source} holds weights of a different model ({detail}); refusing to load it")
     module.load_state_dict(state)

@@ -1,14 +1,23 @@
-"""Process-group setup for torchrun: NCCL on GPUs, gloo on CPUs; a single process needs none of it."""
+"""Process-group setup for torchrun (NCCL on GPUs, gloo on CPUs) and the few collectives the trainer needs.
+
+A single process needs none of it: every helper here is then a plain local operation, so the loop reads the same
+with one process or many. Under torchrun (``WORLD_SIZE`` > 1) rank 0 is the only one that touches the run folder;
+what it decides (an error, a loaded checkpoint) is sent to the others, so every rank takes the same branch.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from elbox.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,14 +63,59 @@ def setup(device: str) -> DistInfo:
 
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
-def all_true(flag: bool, info: DistInfo) -> bool:
-    """Whether flag holds on every rank (so that every rank takes the same branch)."""
+def any_rank(flags: list[bool], info: DistInfo) -> list[bool]:
+    """For each flag, whether it is set on any rank: one small all-reduce, so that every rank branches alike."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([0 if flag else 1], device=info.device if info.device.type == "cuda" else "cpu")
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=_collective_device(info))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Average logged numbers over ranks (every rank has the same keys), so the log describes the global batch."""
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_collective_device(info))
     dist.all_reduce(t)
-    return int(t.item()) == 0
+    return dict(zip(keys, (t / info.world_size).tolist()))
+
+
+def gather(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a list of one without torchrun)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(fn: Callable[[], T], info: DistInfo, *, share: bool = True) -> T | None:
+    """Run ``fn`` on rank 0 only and hand its UserError, and with ``share`` its result, to every rank.
+
+    Rank 0 alone reads and writes the run folder, so other nodes need no shared file system, and an error there
+    stops every rank with the same message instead of leaving them waiting in the next collective.
+    """
+    result: Any = None
+    error: str | None = None
+    if info.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    if info.enabled:
+        box = [result if share else None, error]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0] if share or not info.is_main else result
+        error = box[1]
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def _collective_device(info: DistInfo) -> torch.device:
+    return info.device if info.device.type == "cuda" else torch.device("cpu")

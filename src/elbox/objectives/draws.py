@@ -1,0 +1,91 @@
+"""Where an objective's training-time random draws come from (a DDPM's t and noise, a VAE's epsilon).
+
+Outside a trainer, ``randn_like``/``randint``/``multinomial`` are the plain ``torch`` draws from the global RNG.
+
+Inside ``global_batch(seed, rows, total)`` — the trainer opens it around every micro-batch — each draw is made for
+the whole *global* batch of ``total`` examples, from a generator seeded by ``seed``, and only this micro-batch's
+``rows`` are kept. Every process and every accumulation micro-batch of a step opens it with the same seed and
+makes the same sequence of draws, so an example's randomness depends only on (seed, its place in the global batch):
+one process with batch B, k processes with B/k each, and B split into micro-batches all draw the same numbers and
+so compute the same gradient (up to floating-point rounding). The price is that each micro-batch draws the noise of
+the whole global batch, which is small next to one pass of the network.
+
+A draw inside the context must be for the micro-batch's rows (its first dimension is the micro-batch size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class _GlobalBatch:
+    seed: int
+    rows: Tensor  # int64 positions of this micro-batch's examples in the global batch
+    total: int  # the global batch size
+    generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:  # one stream per device, seeded alike on every process
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[device]
+
+    def keep(self, full: Tensor, n: int) -> Tensor:
+        if n != len(self.rows):
+            raise ValueError(f"a draw for {n} examples inside a global batch whose micro-batch has {len(self.rows)}")
+        return full.index_select(0, self.rows.to(full.device))
+
+
+_CURRENT: ContextVar[_GlobalBatch | None] = ContextVar("elbox_global_batch", default=None)
+
+
+@contextlib.contextmanager
+def global_batch(seed: int, rows: Tensor, total: int) -> Iterator[None]:
+    """Draw for the ``total`` examples of the global batch from ``seed``, keep ``rows`` (see the module doc)."""
+    token = _CURRENT.set(_GlobalBatch(int(seed), rows.long().cpu(), int(total)))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def randn_like(x: Tensor) -> Tensor:
+    """Standard normal noise shaped like x (B, ...)."""
+    gb = _CURRENT.get()
+    if gb is None:
+        return torch.randn_like(x)
+    full = torch.randn((gb.total, *x.shape[1:]), generator=gb.generator(x.device), dtype=x.dtype, device=x.device)
+    return gb.keep(full, x.shape[0])
+
+
+def rand_like(x: Tensor) -> Tensor:
+    """Uniform noise in [0, 1) shaped like x (B, ...)."""
+    gb = _CURRENT.get()
+    if gb is None:
+        return torch.rand_like(x)
+    full = torch.rand((gb.total, *x.shape[1:]), generator=gb.generator(x.device), dtype=x.dtype, device=x.device)
+    return gb.keep(full, x.shape[0])
+
+
+def randint(high: int, n: int, device: torch.device) -> Tensor:
+    """n integers uniform in [0, high)."""
+    gb = _CURRENT.get()
+    if gb is None:
+        return torch.randint(0, high, (n,), device=device)
+    full = torch.randint(0, high, (gb.total,), generator=gb.generator(torch.device(device)), device=device)
+    return gb.keep(full, n)
+
+
+def multinomial(probs: Tensor, n: int) -> Tensor:
+    """n indices drawn with replacement with probabilities ``probs`` (on probs' device)."""
+    gb = _CURRENT.get()
+    if gb is None:
+        return torch.multinomial(probs, n, replacement=True)
+    full = torch.multinomial(probs, gb.total, replacement=True, generator=gb.generator(probs.device))
+    return gb.keep(full, n)

@@ -1,0 +1,352 @@
+"""The variational autoencoder as an ELBO model (Kingma & Welling 2014).
+
+    log p(x) >= E_q[log p_theta(x|z)] - KL(q_phi(z|x) || p(z))                       (K&W eq. 3)
+
+with the prior p(z) = N(0, I), the encoder q_phi(z|x) = N(mu(x), diag sigma^2(x)) sampled by reparameterisation
+z = mu + sigma * eps, eps ~ N(0, I) (K&W eq. 10), the KL in closed form (K&W appendix B) and a decoder likelihood
+p_theta(x|z) chosen by name (``elbox.objectives.decoders``). The bound is returned as two per-example terms in
+nats: ``decoder_nll`` = -log p_theta(x|z) at one z sample and ``kl``. A beta weight and a KL warm-up change only
+the training ``loss``, never the reported terms.
+
+``iwae_bound`` is the importance-weighted estimate of log p(x) used to report test likelihoods (Burda et al. 2016).
+
+Options beyond Kingma & Welling: a conv encoder with the mlp decoder (``arch="conv-mlp"``), and an autoregressive
+decoder p(x|z) = prod_i p(x_i | z, x_<i) whose context is one small masked convolution over earlier pixels
+(``ar_kernel``; PixelVAE, Gulrajani et al. 2017). Both keep scoring cheap: the decoder runs once per importance
+sample, the encoder and the context once per example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from elbox.errors import UserError
+from elbox.nets.vae_nets import ACTIVATIONS, ARContext, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from elbox.objectives import draws
+from elbox.objectives.base import ELBOModel
+from elbox.objectives.decoders import DECODERS, build_likelihood
+from elbox.objectives.gaussian import standard_normal_kl
+from elbox.objectives.terms import Terms
+
+#: the scale mode "auto" resolves to, per decoder: a fixed sigma for the Gaussian density (the classic MSE VAE);
+#: a learned per-pixel scale for the discretized decoders, whose bits/dim are meant to be compared with a DDPM's.
+AUTO_SIGMA_MODE = {
+    "gaussian": "fixed",
+    "discretized-gaussian": "learned-pixel",
+    "discretized-logistic": "learned-pixel",
+}
+
+
+Arch = Literal["mlp", "conv", "conv-mlp"]
+Activation = Literal["tanh", "relu", "elu", "silu"]
+DecoderName = Literal["bernoulli", "gaussian", "discretized-gaussian", "discretized-logistic"]
+SigmaMode = Literal["auto", "fixed", "learned", "learned-pixel"]
+
+
+@dataclass
+class VAEConfig:
+    """The VAE: its networks, its decoder likelihood p(x|z) and the weight of its KL term.
+
+    ``sigma_mode`` applies to the gaussian and discretized decoders (bernoulli has no scale): "fixed" uses
+    ``decoder_sigma``; "learned" learns one global sigma starting at ``decoder_sigma``; "learned-pixel" lets the
+    decoder network output a sigma per pixel, starting near ``decoder_sigma``; "auto" is fixed for gaussian and
+    learned-pixel for the discretized decoders (``AUTO_SIGMA_MODE``).
+
+    ``arch="conv-mlp"`` pairs a conv encoder (run once per example) with the mlp decoder (run once per importance
+    sample): a better posterior at the evaluation cost of the mlp. ``ar_kernel`` > 0 makes the decoder
+    autoregressive over pixels, p(x|z) = prod_i p(x_i | z, x_<i): a masked convolution of that size over the
+    pixels before i (raster order) adds to the decoder's parameters (PixelVAE, Gulrajani et al. 2017, with one
+    small masked layer). It is cheap to train and to score, but decoding then draws the pixels one by one.
+    """
+
+    arch: Arch = "mlp"  # networks: mlp (Kingma & Welling; any shape), conv (images), conv-mlp (conv enc., mlp dec.)
+    latent_dim: int = 50  # the size of z
+    hidden: tuple[int, ...] = (500, 500)  # mlp hidden layer sizes (the decoder mirrors them)
+    conv_channels: tuple[int, ...] = (32, 64)  # conv widths, one stride-2 stage each (the decoder mirrors them)
+    res_blocks: int = 1  # conv residual blocks per stage
+    activation: Activation = "tanh"  # the nonlinearity of both networks: tanh, relu, elu or silu
+    decoder: DecoderName = "bernoulli"  # p(x|z): bernoulli, gaussian, discretized-gaussian or discretized-logistic
+    sigma_mode: SigmaMode = "auto"  # gaussian/discretized scale: fixed, learned (global), learned-pixel or auto
+    decoder_sigma: float = 1.0  # that scale (its initial value when learned), in data-range units
+    beta: float = 1.0  # weight of the KL in the training loss (1: the ELBO; the reported terms never change)
+    kl_warmup_steps: int = 0  # the KL weight rises linearly from 0 to beta over this many steps (0: off)
+    ar_kernel: int = 0  # autoregressive decoder: masked-conv context over earlier pixels, odd kernel (0: factorized)
+    ar_channels: int = 16  # hidden channels of that context
+
+    def __post_init__(self) -> None:
+        # tuples may arrive as lists (from JSON or a command line): store them as tuples of int
+        self.hidden = tuple(int(h) for h in self.hidden)
+        self.conv_channels = tuple(int(c) for c in self.conv_channels)
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else None
+            if allowed is not None and getattr(self, f.name) not in allowed:
+                value = getattr(self, f.name)
+                raise UserError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+        assert set(typing.get_args(Activation)) <= set(ACTIVATIONS)
+        assert set(typing.get_args(DecoderName)) == set(DECODERS)
+        assert set(typing.get_args(Arch)) == set(ARCHS)
+        if self.latent_dim < 1:
+            raise UserError(f"latent_dim={self.latent_dim} is not allowed; use an integer >= 1")
+        if any(h < 1 for h in self.hidden):
+            raise UserError(f"hidden={list(self.hidden)} is not allowed; every hidden size must be >= 1")
+        if not self.conv_channels or any(c < 1 for c in self.conv_channels):
+            raise UserError(f"conv_channels={list(self.conv_channels)} is not allowed; give one or more widths >= 1")
+        if self.res_blocks < 0:
+            raise UserError(f"res_blocks={self.res_blocks} is not allowed; use an integer >= 0")
+        if not (self.decoder_sigma > 0 and math.isfinite(self.decoder_sigma)):
+            raise UserError(f"decoder_sigma must be > 0 (a standard deviation); got {self.decoder_sigma}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise UserError(f"beta={self.beta} is not allowed; use a number >= 0 (1 is the ELBO)")
+        if self.kl_warmup_steps < 0:
+            raise UserError(f"kl_warmup_steps={self.kl_warmup_steps} is not allowed; use an integer >= 0 (0: off)")
+        if self.ar_kernel != 0 and (self.ar_kernel < 3 or self.ar_kernel % 2 == 0):
+            raise UserError(f"ar_kernel={self.ar_kernel} is not allowed; use 0 (off) or an odd size >= 3")
+        if self.ar_channels < 1:
+            raise UserError(f"ar_channels={self.ar_channels} is not allowed; use an integer >= 1")
+
+    @property
+    def resolved_sigma_mode(self) -> str:
+        """``sigma_mode`` with "auto" replaced by the decoder's default (see ``AUTO_SIGMA_MODE``)."""
+        if self.sigma_mode == "auto":
+            return AUTO_SIGMA_MODE.get(self.decoder, "fixed")
+        return self.sigma_mode
+
+
+def _mlp_encoder(c: VAEConfig, data_shape: tuple[int, ...]) -> nn.Module:
+    return MLPEncoder(math.prod(data_shape), c.hidden, c.latent_dim, c.activation)
+
+
+def _conv_encoder(c: VAEConfig, data_shape: tuple[int, ...]) -> nn.Module:
+    return ConvEncoder(data_shape, c.conv_channels, c.latent_dim, c.res_blocks, c.activation)
+
+
+def _mlp_decoder(c: VAEConfig, out_shape: tuple[int, ...]) -> nn.Module:
+    return MLPDecoder(c.latent_dim, tuple(reversed(c.hidden)), out_shape, c.activation)
+
+
+def _conv_decoder(c: VAEConfig, out_shape: tuple[int, ...]) -> nn.Module:
+    return ConvDecoder(c.latent_dim, c.conv_channels, out_shape, c.res_blocks, c.activation)
+
+
+#: ``VAEConfig.arch`` -> (encoder builder (config, data shape), decoder builder (config, output shape))
+ARCHS = {
+    "mlp": (_mlp_encoder, _mlp_decoder),
+    "conv": (_conv_encoder, _conv_decoder),
+    "conv-mlp": (_conv_encoder, _mlp_decoder),
+}
+
+
+class VAE(ELBOModel):
+    """A VAE on data of shape (C, H, W) or (D,), trained and evaluated in the decoder's data range."""
+
+    kind = "vae"
+
+    def __init__(self, config: VAEConfig, data_shape: tuple[int, ...]) -> None:
+        super().__init__(config, data_shape)
+        shape = self.data_shape
+        if not shape or any(d < 1 for d in shape):
+            raise UserError(f"the VAE needs a data shape (C, H, W) or (D,) of positive sizes; got {shape}")
+        if config.arch != "mlp" and len(shape) != 3:
+            raise UserError(f"arch {config.arch!r} needs image data of shape (C, H, W); got shape {shape} (use 'mlp')")
+        if config.ar_kernel and len(shape) != 3:
+            raise UserError(f"ar_kernel={config.ar_kernel} needs image data of shape (C, H, W); got shape {shape}")
+        self.likelihood = build_likelihood(
+            config.decoder, shape[0], config.resolved_sigma_mode, config.decoder_sigma
+        )
+        out_shape = (self.likelihood.params_per_dim * shape[0], *shape[1:])
+        build_encoder, build_decoder = ARCHS[config.arch]
+        self.encoder = build_encoder(config, shape)
+        self.decoder = build_decoder(config, out_shape)
+        self.context = (
+            ARContext(shape[0], out_shape[0], config.ar_kernel, config.ar_channels, config.activation)
+            if config.ar_kernel
+            else None
+        )
+
+    @property
+    def data_range(self) -> str:
+        return self.likelihood.data_range
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    # ---- the pieces of the bound ---------------------------------------------------------------------------
+
+    def _check(self, x: Tensor) -> None:
+        if tuple(x.shape[1:]) != self.data_shape:
+            raise UserError(
+                f"this VAE was built for data of shape {self.data_shape}; got a batch of shape {tuple(x.shape)}"
+            )
+        self.likelihood.check_data(x)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The parameters (mu, log sigma^2) of q_phi(z|x), each of shape (B, latent_dim)."""
+        return self.encoder(x)
+
+    def decoder_params(self, z: Tensor) -> Tensor:
+        """The decoder network's raw output for z (B, latent_dim) (before any autoregressive context)."""
+        return self.decoder(z)
+
+    def decode(self, z: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """The decoder's mean for z (B, latent_dim), shape (B, *data_shape), in the data range.
+
+        Bernoulli: the probabilities; gaussian: the mean (clamped to [0, 1] for images, so that it can be shown);
+        discretized: the location clamped to [-1, 1] (the mode of the discretized distribution, up to rounding to
+        the 8-bit grid). With an autoregressive decoder the pixels are drawn one by one in raster order, each from
+        p(x_i | z, x_<i), and what is returned is each pixel's conditional mean along that draw (``generator``
+        seeds the draw).
+        """
+        params = self.decoder(z)
+        if self.context is None:
+            mean = self.likelihood.mean(params)
+        else:
+            mean = self._decode_autoregressive(params, generator)
+        if len(self.data_shape) == 3:
+            mean = torch.clamp(mean, self.likelihood.low, self.likelihood.high)
+        return mean
+
+    @torch.no_grad()
+    def _decode_autoregressive(self, params: Tensor, generator: torch.Generator | None) -> Tensor:
+        n, (c, h, w) = params.shape[0], self.data_shape
+        x = torch.zeros((n, c, h, w), dtype=params.dtype, device=params.device)
+        mean = torch.zeros_like(x)
+        for i in range(h):
+            for j in range(w):
+                # the context at (i, j) sees only pixels before it, all of which are already drawn
+                p_ij = (params + self.context(x))[:, :, i, j]
+                mean[:, :, i, j] = self.likelihood.mean(p_ij)
+                x[:, :, i, j] = self.likelihood.draw(p_ij, generator)
+        return mean
+
+    def log_px_given_z(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p_theta(x|z) in nats, summed over the data dimensions: shape (B,)."""
+        params = self.decoder(z)
+        if self.context is not None:
+            params = params + self.context(x)  # teacher forcing: every p(x_i | z, x_<i) in one pass
+        return self.likelihood.log_prob(params, x).flatten(1).sum(1)
+
+    def kl_weight(self, step: int) -> float:
+        """The KL's weight in the training loss at an optimizer step: beta, ramped up over the warm-up."""
+        warmup = self.config.kl_warmup_steps
+        return self.config.beta * (min(1.0, step / warmup) if warmup > 0 else 1.0)
+
+    # ---- the ELBO ------------------------------------------------------------------------------------------
+
+    def _elbo_terms(self, x: Tensor) -> dict[str, Tensor]:
+        self._check(x)
+        mu, logvar = self.encode(x)
+        # reparameterisation trick, K&W eq. 10: z = mu + sigma * eps with eps ~ N(0, I)
+        z = mu + torch.exp(0.5 * logvar) * draws.randn_like(mu)
+        # KL(N(mu, sigma^2) || N(0, 1)) = -1/2 sum(1 + log sigma^2 - mu^2 - sigma^2), K&W appendix B
+        kl = standard_normal_kl(mu, logvar).sum(1)
+        return {"decoder_nll": -self.log_px_given_z(x, z), "kl": kl}
+
+    def losses(self, x: Tensor, *, step: int = 0) -> Terms:
+        """The negative ELBO at one z sample per example, as terms; loss = decoder_nll + kl_weight(step) * kl."""
+        terms = self._elbo_terms(x)
+        loss = terms["decoder_nll"] + self.kl_weight(step) * terms["kl"]
+        return Terms(terms=terms, dims=self.dims, loss=loss)
+
+    def bound(self, x: Tensor) -> Terms:
+        """The negative ELBO (a single-sample, unbiased estimate), as terms in nats; loss = the negative ELBO."""
+        return Terms(terms=self._elbo_terms(x), dims=self.dims)
+
+    def iwae_bound(self, x: Tensor, k: int, *, chunk: int = 100) -> Tensor:
+        """The importance-weighted estimate of log p(x) in nats with k samples, shape (B,) (Burda et al. 2016, eq. 8):
+
+            L_k = log 1/k sum_i p(x, z_i) / q(z_i|x),    z_i ~ q(z|x) independently.
+
+        E[L_k] rises with k towards log p(x) (their theorem 1); L_1 is the ELBO. The k samples are drawn ``chunk``
+        at a time (the encoder runs once) and the chunks' log-sum-exps are combined, so memory holds chunk * B
+        decoder outputs at a time, whatever k is. Gradients flow through it (an IWAE objective could use it), so
+        evaluate under ``torch.no_grad()``, or the graph of every chunk is kept.
+        """
+        if int(k) != k or k < 1:
+            raise UserError(f"the number of importance samples k must be an integer >= 1; got {k}")
+        if chunk < 1:
+            raise UserError(f"chunk must be >= 1; got {chunk}")
+        self._check(x)
+        b = x.shape[0]
+        mu, logvar = self.encode(x)
+        std = torch.exp(0.5 * logvar)
+        context = None if self.context is None else self.context(x)  # the same for every z: computed once
+        total = torch.full((b,), -math.inf, dtype=mu.dtype, device=mu.device)
+        done = 0
+        while done < k:
+            c = min(chunk, k - done)
+            eps = torch.randn((c, *mu.shape), dtype=mu.dtype, device=mu.device)
+            z = mu + std * eps  # (c, B, L)
+            # log p(z) - log q(z|x); the 1/2 log 2 pi terms cancel, and (z - mu)/sigma is eps itself
+            log_prior_ratio = (-0.5 * z**2 + 0.5 * eps**2 + 0.5 * logvar).sum(-1)
+            x_rep = x.unsqueeze(0).expand(c, *x.shape).reshape(c * b, *x.shape[1:])
+            params = self.decoder(z.reshape(c * b, -1))
+            if context is not None:
+                params = (params.view(c, b, *params.shape[1:]) + context).flatten(0, 1)
+            log_px = self.likelihood.log_prob(params, x_rep).flatten(1).sum(1).view(c, b)
+            total = torch.logaddexp(total, torch.logsumexp(log_px + log_prior_ratio, dim=0))
+            done += c
+        return total - math.log(k)
+
+    # ---- using the model -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """n draws z ~ N(0, I) pushed through the decoder, returned as the decoder's mean (see ``decode``)."""
+        p = next(self.parameters())
+        z = torch.randn((n, self.latent_dim), generator=generator, dtype=p.dtype, device=p.device)
+        return self.decode(z, generator=generator)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """decode(mu(x)): the decoder's mean at the posterior mean of each example, shape of x."""
+        self._check(x)
+        return self.decode(self.encode(x)[0])
+
+    @torch.no_grad()
+    def interpolate(self, x1: Tensor, x2: Tensor, steps: int) -> Tensor:
+        """decode((1 - t) mu(x1) + t mu(x2)) for ``steps`` values of t from 0 to 1: linear in latent space.
+
+        x1 and x2 are single examples (*data_shape) -> (steps, *data_shape), or batches (B, *data_shape) of
+        pairs -> (B, steps, *data_shape).
+        """
+        if steps < 2:
+            raise UserError(f"interpolate needs steps >= 2 (both ends); got {steps}")
+        single = tuple(x1.shape) == self.data_shape
+        if single:
+            x1, x2 = x1.unsqueeze(0), x2.unsqueeze(0)
+        self._check(x1)
+        self._check(x2)
+        m1, m2 = self.encode(x1)[0], self.encode(x2)[0]
+        t = torch.linspace(0.0, 1.0, steps, dtype=m1.dtype, device=m1.device).view(1, steps, 1)
+        z = (1 - t) * m1.unsqueeze(1) + t * m2.unsqueeze(1)  # (B, steps, L)
+        out = self.decode(z.flatten(0, 1)).view(x1.shape[0], steps, *self.data_shape)
+        return out[0] if single else out
+
+    @torch.no_grad()
+    def manifold(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """decode(z) over an n x n grid of the first two latent dimensions, the others 0: (n * n, *data_shape).
+
+        As in Kingma & Welling (2014), figure 4: linearly spaced points of the unit square, (i + 1/2) / n, mapped
+        through the inverse CDF of N(0, 1), so the grid covers the prior evenly in probability. A 1-D latent space
+        gives one line of n * n points.
+        """
+        if n < 1:
+            raise UserError(f"manifold needs a grid size n >= 1; got {n}")
+        p = next(self.parameters())
+        if self.latent_dim == 1:
+            u = (torch.arange(n * n, dtype=p.dtype, device=p.device) + 0.5) / (n * n)
+            return self.decode(torch.special.ndtri(u)[:, None], generator=generator)
+        u = (torch.arange(n, dtype=p.dtype, device=p.device) + 0.5) / n
+        rows, cols = torch.meshgrid(torch.special.ndtri(u), torch.special.ndtri(u), indexing="ij")
+        z = torch.zeros((n * n, self.latent_dim), dtype=p.dtype, device=p.device)
+        z[:, 0], z[:, 1] = cols.flatten(), -rows.flatten()  # first dimension left to right, second bottom to top
+        return self.decode(z, generator=generator)

@@ -1,0 +1,299 @@
+"""The trainer, in process: exact resume, randomness that ignores how a batch is split, what a run writes, what the
+user sees, refused checkpoints, NaN/Inf handling, bf16 and torch.compile. Tiny DDPMs on the embedded digits.
+
+Faults that need a real process (SIGKILL, signals, a full disk) are in test_train_faults.py, torchrun in
+test_train_ddp.py.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import elbox
+from elbox.cli import main
+from elbox.config import MODELS, DataConfig, RunConfig, TrainConfig
+from elbox.errors import UserError
+from elbox.objectives.ddpm import DDPM, DDPMConfig
+from elbox.train import checkpoint as ckpt
+from elbox.train.loop import train
+from elbox.train.outputs import heldout_bpd, write_samples
+
+TINY = ["--net", "micro", "--timesteps", "20", "--batch-size", "16", "--num-samples", "4", "--quiet"]
+
+
+def run_train(*args) -> None:
+    assert main(["train", *map(str, args)]) == 0
+
+
+def tensors(run: Path, step: int, name: str) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step-{step:07d}" / f"{name}.safetensors")
+
+
+def assert_identical(a: Path, b: Path, step: int) -> None:
+    """Every tensor of the model, EMA and optimizer state of checkpoint ``step`` of runs a and b, bit for bit."""
+    for name in ("model", "ema", "optimizer"):
+        ta, tb = tensors(a, step, name), tensors(b, step, name)
+        assert ta.keys() == tb.keys()
+        differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+        assert not differ, f"{name}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+def max_abs_diff(a: Path, b: Path, step: int, name: str = "model") -> float:
+    ta, tb = tensors(a, step, name), tensors(b, step, name)
+    return max((ta[k].double() - tb[k].double()).abs().max().item() for k in ta)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize("extra,n", [
+    ([], 5),
+    # flips: the loader's per-batch flip draws; batch 64 and 2 x 12 steps cross an epoch (22 batches) after the resume
+    (["--hflip", "--batch-size", "64"], 12),
+    # dropout draws from the global RNG, which the checkpoint must restore; samples mid-run must not move it
+    (["--dropout", "0.1", "--sample-every", "3"], 5),
+], ids=["plain", "hflip-epoch", "dropout"])
+def test_n_steps_resume_n_steps_is_bit_identical_to_2n_steps(tmp_path, extra, n):
+    common = [*TINY, "--checkpoint-every", "3", "--keep-checkpoints", "20", "--log-every", "1",
+              "--final-eval-examples", "16", *extra]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train("--out", straight, "--steps", 2 * n, *common)
+    # the first half ends with everything a run's end does (final samples, held-out eval) before the resume
+    run_train("--out", resumed, "--steps", n, *common)
+    assert (resumed / "samples.png").is_file()
+    run_train("--resume", resumed, "--steps", 2 * n, "--quiet")
+    assert_identical(straight, resumed, 2 * n)
+    # the metrics of the two halves join up: each step once, with the same numbers as the straight run
+    assert [r["step"] for r in metrics(resumed)] == list(range(1, 2 * n + 1))
+    assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
+
+
+def test_samples_and_heldout_eval_leave_the_training_rng_alone(tmp_path):
+    run_train("--out", tmp_path / "r", *TINY, "--steps", "1", "--final-eval-examples", "0", "--dropout", "0.1")
+    model = elbox.load(tmp_path / "r")
+    cfg = RunConfig(model_config=DDPMConfig(net="micro", timesteps=20), train=TrainConfig(num_samples=4))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    write_samples(model, tmp_path / "s.png", cfg.train)
+    heldout_bpd(model, cfg, 16, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_resume_with_no_checkpoint_yet_starts_over_and_a_finished_run_is_not_rewritten(tmp_path):
+    run = tmp_path / "r"
+    run_train("--out", run, *TINY, "--steps", "3", "--final-eval-examples", "0", "--log-every", "1")
+    shutil.rmtree(run / "checkpoints")  # as if killed before its first checkpoint
+    run_train("--resume", run, "--steps", "3")
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]  # the lines of the lost steps were dropped, not doubled
+    before = (run / "checkpoints" / "step-0000003" / "model.safetensors").stat().st_mtime_ns
+    run_train("--resume", run, "--steps", "3")  # nothing left to do: the checkpoint of step 3 is kept as it is
+    assert (run / "checkpoints" / "step-0000003" / "model.safetensors").stat().st_mtime_ns == before
+
+
+# ------------------------------------------------------------------------------- splitting a batch changes nothing
+@pytest.mark.parametrize("model", ["ddpm", "vae"])
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, model):
+    # a DDPM draws t and noise, a VAE epsilon and the binarization of its data: all as for the whole batch
+    flags = TINY if model == "ddpm" else ["--batch-size", "16", "--num-samples", "4", "--quiet"]
+    common = [*flags, "--steps", "4", "--checkpoint-every", "100", "--final-eval-examples", "0"]
+    assert main(["train", model, "--out", str(tmp_path / "one"), *common]) == 0
+    assert main(["train", model, "--out", str(tmp_path / "accum"), *common, "--grad-accum", "4"]) == 0
+    diff = max_abs_diff(tmp_path / "one", tmp_path / "accum", 4)
+    print(f"{model}: grad-accum 4 vs 1, max |diff| of the weights after 4 steps = {diff:.3g}")
+    assert diff < 1e-5
+
+
+# ---------------------------------------------------------------------------------------- what a run writes
+def test_run_folder_metrics_samples_tensorboard_and_summary(tmp_path, capsys):
+    run = tmp_path / "r"
+    run_train("--out", run, *TINY, "--steps", "4", "--log-every", "2", "--checkpoint-every", "2", "--sample-every", "2",
+              "--final-eval-examples", "16", "--eval-batches", "1")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("elbox: trained ddpm to step 4")
+    for path in (run / "checkpoints" / "step-0000004", run / "samples.png", run / "metrics.jsonl", run / "loss.png"):
+        assert str(path) in out[0]
+    toml = (run / "config.toml").read_text()
+    assert "steps = 4" in toml and 'net = "micro"' in toml and "lr = " in toml and "hflip = false" in toml
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert {"loss", "nelbo", "bpd", "steps", "prior", "mse", "lr", "grad_norm", "images_per_s", "skipped"} <= set(rows[0])
+    assert [r["step"] for r in metrics(run) if "heldout_bpd" in r] == [2]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    manifest = json.loads((run / "checkpoints" / "step-0000004" / "manifest.json").read_text())
+    assert manifest["model"]["kind"] == "ddpm" and manifest["loader"]["0"]["position"] == 4
+    assert elbox.load(run).config.net == "micro"  # rebuilt from JSON alone
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert not (run / "tensorboard").exists()
+    else:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tensorboard"))
+        events.Reload()
+        assert {"train/loss", "train/steps", "train/prior", "train/lr", "train/grad_norm"} <= set(events.Tags()["scalars"])
+        assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+
+
+def test_progress_bar_shows_step_loss_speed_and_eta_and_quiet_hides_it(tmp_path, capsys):
+    args = [a for a in TINY if a != "--quiet"]
+    run_train("--out", tmp_path / "loud", *args, "--steps", "3", "--log-every", "1", "--final-eval-examples", "0")
+    err = capsys.readouterr().err
+    assert "3/3" in err and "loss=" in err and "img_s=" in err and "<00:00" in err  # tqdm: elapsed<remaining (ETA)
+    run_train("--out", tmp_path / "quiet", *TINY, "--steps", "3", "--final-eval-examples", "0")
+    assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------- checkpoints refused
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("trained") / "run"
+    run_train("--out", run, *TINY, "--steps", "2", "--final-eval-examples", "0")
+    return run
+
+
+def _corrupt_copy(trained: Path, tmp_path: Path, how: str) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    latest = run / "checkpoints" / "step-0000002"
+    if how == "truncated":
+        data = (latest / "model.safetensors").read_bytes()
+        (latest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif how == "tampered":
+        data = bytearray((latest / "ema.safetensors").read_bytes())
+        data[-100] ^= 0x01  # one bit of one weight
+        (latest / "ema.safetensors").write_bytes(bytes(data))
+    elif how == "manifest-edited":
+        text = (latest / "manifest.json").read_text()
+        (latest / "manifest.json").write_text(text.replace('"timesteps": 20', '"timesteps": 30'))
+    elif how == "manifest-truncated":
+        text = (latest / "manifest.json").read_text()
+        (latest / "manifest.json").write_text(text[: len(text) // 2])
+    elif how == "wrong-model":
+        # weights of another architecture behind a manifest with matching checksums: refused for their shapes
+        other = tmp_path / "other"
+        run_train("--out", other, *TINY, "--base-channels", "8", "--steps", "1", "--final-eval-examples", "0")
+        manifest = json.loads((latest / "manifest.json").read_text())
+        for name in ("model.safetensors", "ema.safetensors"):
+            shutil.copy(other / "checkpoints" / "step-0000001" / name, latest / name)
+            manifest["files"][name] = ckpt.sha256(latest / name)
+        manifest["checksum"] = ckpt._manifest_checksum(manifest)
+        (latest / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+@pytest.mark.parametrize("how,fragment", [
+    ("truncated", "does not match its checksum"),
+    ("tampered", "does not match its checksum"),
+    ("manifest-edited", "manifest"),
+    ("manifest-truncated", "damaged"),
+    ("wrong-model", "weights of a different model"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_refused_on_one_line(trained, tmp_path, capsys, how, fragment):
+    run = _corrupt_copy(trained, tmp_path, how)
+    capsys.readouterr()
+    with pytest.raises(UserError, match=fragment):
+        elbox.load(run)
+    assert main(["sample", str(run), "--num", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("elbox: error:") and fragment in err[0], err
+    assert main(["train", "--resume", str(run), "--steps", "3"]) == 2  # nor is a run resumed from it
+    assert fragment in capsys.readouterr().err
+
+
+def test_a_resume_that_would_change_the_model_is_refused(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    config = (run / "config.toml").read_text()
+    for flags in (["--base-channels", "8"], ["--timesteps", "30"]):  # new shapes, or the same shapes but another T
+        assert main(["train", "--resume", str(run), "--steps", "3", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds a different model" in err[0] and flags[0][2:].replace("-", "_") in err[0]
+        assert (run / "config.toml").read_text() == config  # the run is left as it was
+
+
+# ---------------------------------------------------------------------------------------------- NaN and Inf
+class FlakyDDPM(DDPM):
+    """A DDPM whose loss goes NaN (a term) or whose gradient goes NaN on chosen steps: real non-finite values."""
+
+    bad: dict[int, str] = {}
+
+    def losses(self, x, *, step=0):
+        terms = super().losses(x, step=step)
+        if self.bad.get(step) == "term":
+            terms.terms["prior"] = terms.terms["prior"] * float("nan")
+        elif self.bad.get(step) == "grad":  # d/dw sqrt(|w - w|) at 0: the loss stays finite, the gradient does not
+            w = next(self.net.parameters())
+            terms.loss = terms.loss + (w - w.detach()).abs().sqrt().sum()
+        return terms
+
+
+def flaky_run(monkeypatch, tmp_path, bad: dict[int, str], **train) -> tuple[RunConfig, Path]:
+    monkeypatch.setitem(MODELS, "flaky", (DDPMConfig, FlakyDDPM))
+    monkeypatch.setattr(FlakyDDPM, "bad", bad)
+    cfg = RunConfig(model="flaky", model_config=DDPMConfig(net="micro", timesteps=20), data=DataConfig(),
+                    train=TrainConfig(batch_size=16, num_samples=4, final_eval_examples=0, quiet=True, log_every=1,
+                                      checkpoint_every=1, keep_checkpoints=10, **train))
+    return cfg, tmp_path / "run"
+
+
+@pytest.mark.parametrize("kind,where", [("term", "term 'prior'"), ("grad", "the gradient")])
+def test_nonfinite_stops_naming_step_and_term_and_keeps_the_last_checkpoint(monkeypatch, tmp_path, kind, where):
+    cfg, run = flaky_run(monkeypatch, tmp_path, {2: kind}, steps=5)
+    with pytest.raises(UserError) as e:
+        train(cfg, run)
+    message = str(e.value)
+    assert f"in {where} at step 3" in message and "step-0000002" in message and "\n" not in message
+    assert ckpt.latest_checkpoint(run).name == "step-0000002"
+    ckpt.load_checkpoint(run)
+    assert metrics(run)[-1] == {"step": 3, "nonfinite": where, "stopped": True}
+
+
+def test_nonfinite_batches_are_skipped_and_counted(monkeypatch, tmp_path):
+    cfg, run = flaky_run(monkeypatch, tmp_path, {2: "term", 4: "grad"}, steps=6, on_nonfinite="skip")
+    result = train(cfg, run)
+    assert result.step == 6 and result.skipped == 2
+    rows = metrics(run)
+    assert [(r["step"], r.get("nonfinite")) for r in rows if r.get("nonfinite")] == [(3, "term 'prior'"), (5, "the gradient")]
+    assert rows[-1]["skipped"] == 2
+    # a skipped step leaves weights, EMA and optimizer state as they were; the next one trains again
+    for name in ("model", "ema"):
+        before, skipped, after = (tensors(run, s, name) for s in (2, 3, 4))
+        assert all(torch.equal(before[k], skipped[k]) for k in before)
+        assert not all(torch.equal(skipped[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in tensors(run, 6, "model").values())
+
+
+# --------------------------------------------------------------------------------------- precision, compile
+def test_bf16_autocast_trains_on_the_cpu_and_fp16_is_refused(tmp_path, capsys):
+    run = tmp_path / "bf16"
+    run_train("--out", run, *TINY, "--steps", "40", "--log-every", "5", "--lr", "2e-3", "--precision", "bf16",
+              "--final-eval-examples", "0", "--channels-last")
+    losses = [r["loss"] for r in metrics(run)]
+    assert len(losses) == 8 and sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses
+    weights = tensors(run, 40, "model")
+    assert weights["net.conv_out.weight"].dtype == torch.float32  # autocast: the weights stay fp32
+    assert not any(v.dtype in (torch.bfloat16, torch.float16) for v in weights.values())
+    assert main(["train", "--out", str(tmp_path / "fp16"), *TINY, "--precision", "fp16", "--device", "cpu"]) == 2
+    assert "fp16' needs a GPU" in capsys.readouterr().err
+
+
+def test_compile_traces_the_networks_and_trains(tmp_path):
+    # aot_eager runs torch.compile's tracing (dynamo + AOT autograd) without generating C++ (a minute on a CPU);
+    # test_compile_with_inductor below runs the default backend when ELBOX_SLOW=1
+    run = tmp_path / "c"
+    run_train("--out", run, *TINY, "--steps", "2", "--final-eval-examples", "0", "--compile", "--compile-backend", "aot_eager")
+    assert elbox.load(run).config.net == "micro"  # state-dict names unchanged by compiling in place
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ELBOX_SLOW"), reason="about a minute of C++ compilation on a CPU; ELBOX_SLOW=1 runs it")
+def test_compile_with_inductor(tmp_path):
+    run_train("--out", tmp_path / "c", *TINY, "--steps", "2", "--final-eval-examples", "0", "--compile")

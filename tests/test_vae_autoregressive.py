@@ -1,0 +1,90 @@
+"""The autoregressive decoder (ar_kernel > 0) and the conv-mlp networks: still a normalised p(x|z), still causal."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from elbox.errors import UserError
+from elbox.objectives.vae import VAE, VAEConfig
+
+SMALL = dict(latent_dim=2, hidden=(16,), conv_channels=(4,), ar_kernel=3, ar_channels=8)
+
+
+def with_random_context(vae: VAE) -> VAE:
+    """The context's last layer starts at zero (a factorized decoder); give it weights so that it matters."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        vae.context.out.weight.normal_(0.0, 1.0)
+        vae.context.out.bias.normal_(0.0, 0.5)
+    return vae.double()
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 2), (2, 2, 2)])
+def test_autoregressive_bernoulli_sums_to_one_over_every_binary_image(shape):
+    vae = with_random_context(VAE(VAEConfig(**SMALL), shape))
+    d = shape[0] * shape[1] * shape[2]
+    images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=d)), dtype=torch.float64).view(-1, *shape)
+    for _ in range(3):
+        z = torch.randn(1, 2, dtype=torch.float64).expand(len(images), -1)
+        total = torch.logsumexp(vae.log_px_given_z(images, z), dim=0)
+        torch.testing.assert_close(total, torch.zeros((), dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_autoregressive_discretized_logistic_sums_to_one_over_every_8bit_image():
+    vae = with_random_context(VAE(VAEConfig(decoder="discretized-logistic", **SMALL), (1, 1, 2)))
+    grid = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    a, b = torch.meshgrid(grid, grid, indexing="ij")
+    images = torch.stack([a.flatten(), b.flatten()], dim=1).view(-1, 1, 1, 2)
+    z = torch.randn(1, 2, dtype=torch.float64).expand(len(images), -1)
+    total = torch.logsumexp(vae.log_px_given_z(images, z), dim=0)
+    torch.testing.assert_close(total, torch.zeros((), dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_the_context_of_a_pixel_depends_only_on_earlier_pixels():
+    vae = with_random_context(VAE(VAEConfig(**{**SMALL, "ar_kernel": 5}), (2, 6, 7)))
+    x = torch.rand(1, 2, 6, 7, dtype=torch.float64)
+    base = vae.context(x)
+    for i, j in [(0, 0), (2, 3), (5, 6)]:
+        changed = x.clone()
+        changed[:, :, i, j] += 1.0
+        moved = (vae.context(changed) - base).abs().sum(1)[0] > 0
+        later = torch.arange(6 * 7).view(6, 7) > i * 7 + j  # raster order: strictly after (i, j)
+        assert not moved[~later].any(), (i, j)
+
+
+def test_iwae_with_a_context_matches_the_elbo_at_k_1():
+    vae = with_random_context(VAE(VAEConfig(arch="conv-mlp", **SMALL), (1, 5, 5)))
+    x = (torch.rand(6, 1, 5, 5) > 0.5).double()
+    torch.manual_seed(0)
+    elbo = -torch.stack([vae.bound(x).nll for _ in range(400)]).mean(0)
+    torch.manual_seed(0)
+    iwae1 = torch.stack([vae.iwae_bound(x, 1) for _ in range(400)]).mean(0)
+    assert (elbo - iwae1).abs().max() < 0.5
+    assert (vae.iwae_bound(x, 50, chunk=7).mean() > elbo.mean()).item()
+
+
+def test_autoregressive_decoding_draws_pixels_and_returns_their_conditional_means():
+    vae = with_random_context(VAE(VAEConfig(arch="conv-mlp", **SMALL), (1, 4, 3)))
+    a = vae.sample(5, generator=torch.Generator().manual_seed(7))
+    b = vae.sample(5, generator=torch.Generator().manual_seed(7))
+    assert a.shape == (5, 1, 4, 3) and 0 <= a.min() and a.max() <= 1
+    torch.testing.assert_close(a, b)
+    assert vae.reconstruct(torch.ones(2, 1, 4, 3, dtype=torch.float64)).shape == (2, 1, 4, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape, match",
+    [
+        (dict(ar_kernel=4), (1, 8, 8), "ar_kernel=4 is not allowed; use 0 .off. or an odd size >= 3"),
+        (dict(ar_kernel=1), (1, 8, 8), "ar_kernel=1 is not allowed"),
+        (dict(ar_kernel=3), (10,), r"ar_kernel=3 needs image data of shape \(C, H, W\)"),
+        (dict(arch="conv-mlp"), (10,), "arch 'conv-mlp' needs image data"),
+        (dict(ar_channels=0), (1, 8, 8), "ar_channels=0 is not allowed"),
+    ],
+)
+def test_bad_autoregressive_settings_raise_user_errors(kwargs, shape, match):
+    with pytest.raises(UserError, match=match):
+        VAE(VAEConfig(**kwargs), shape)
