@@ -64,6 +64,9 @@ def draw(model: ELBOModel, cfg: SampleConfig) -> torch.Tensor:
     return torch.cat(out)
 
 
+INTERPOLATION_STEPS = 8
+
+
 def _vae_mode(model, cfg: SampleConfig, generator: torch.Generator) -> torch.Tensor:
     device = next(model.parameters()).device
     if cfg.mode == "manifold":
@@ -75,8 +78,10 @@ def _vae_mode(model, cfg: SampleConfig, generator: torch.Generator) -> torch.Ten
         x = to_model(ds.data[idx[: max(1, cfg.num // 2)]], model.data_range, generator=generator).to(device)
         rec = model.reconstruct(x)
         return torch.stack([x, rec], dim=1).flatten(0, 1).cpu()  # originals and reconstructions side by side
-    x = to_model(ds.data[idx[:2]], model.data_range, generator=generator).to(device)
-    return model.interpolate(x[:1], x[1:2], max(2, cfg.num)).cpu()
+    # one row per pair of held-out images, 8 steps from the first to the second
+    rows = max(1, cfg.num // INTERPOLATION_STEPS)
+    x = to_model(ds.data[idx[: 2 * rows]], model.data_range, generator=generator).to(device)
+    return model.interpolate(x[:rows], x[rows : 2 * rows], INTERPOLATION_STEPS).flatten(0, 1).cpu()
 
 
 def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: Path | None = None) -> Path:
@@ -85,7 +90,7 @@ def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: Path |
     run_dir = ckpt.resolve_checkpoint(run).parent.parent
     path = _unused_path(out or run_dir / f"samples-{cfg.mode}-seed{cfg.seed}.png")
     if len(model.data_shape) == 3:
-        nrow = 2 if cfg.mode == "reconstruct" and cfg.num <= 4 else None
+        nrow = INTERPOLATION_STEPS if cfg.mode == "interpolate" else 2 if cfg.mode == "reconstruct" and cfg.num <= 4 else None
         return save_png(image_grid(from_model(x, model.data_range), nrow=nrow), path)
     return save_png(scatter_plot(x.numpy()), path)
 

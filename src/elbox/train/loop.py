@@ -57,7 +57,8 @@ from elbox.objectives.terms import Terms
 from elbox.train import checkpoint as ckpt
 from elbox.train.distributed import DistInfo, any_rank, from_main, gather, mean_over_ranks, setup, teardown
 from elbox.train.ema import EMA
-from elbox.train.outputs import METRICS, MetricsLog, RunFolder, heldout_bpd, plot_loss_curve, progress_bar, write_samples
+from elbox.train.outputs import (METRICS, MetricsLog, RunFolder, heldout_bpd, plot_loss_curve, progress_bar,
+                                 write_reconstructions, write_samples)
 
 
 @dataclass
@@ -238,6 +239,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
                         progress.update(1)
                     if t.sample_every and step % t.sample_every == 0 and info.is_main:
                         write_samples(ema.model if ema else model, out / "samples" / f"step-{step:07d}.png", t)
+                        write_reconstructions(ema.model if ema else model, cfg.data,
+                                              out / "samples" / f"step-{step:07d}-reconstructions.png", t)
                     if step % t.checkpoint_every == 0 and step < t.steps:
                         last_ckpt = save(step)
                         if t.eval_batches > 0 and metrics is not None:
@@ -260,6 +263,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
             plot_loss_curve(out)
             if stopped_by is None:
                 samples_path = write_samples(ema.model if ema else model, out / "samples.png", t)
+                write_reconstructions(ema.model if ema else model, cfg.data, out / "reconstructions.png", t)
                 if t.final_eval_examples > 0:
                     heldout = heldout_bpd(ema.model if ema else model, cfg, t.final_eval_examples, info.device)
         return TrainResult(run_dir=out, step=step, checkpoint=last_ckpt, samples=samples_path, seconds=seconds,

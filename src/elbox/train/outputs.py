@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from elbox.config import RunConfig, TrainConfig
-from elbox.data import from_model
+from elbox.config import DataConfig, RunConfig, TrainConfig
+from elbox.data import from_model, to_model
 from elbox.errors import UserError
 from elbox.objectives.base import ELBOModel
 from elbox.train.checkpoint import write_text_atomic
@@ -137,6 +137,22 @@ def write_samples(model: ELBOModel, path: Path, t: TrainConfig) -> Path:
     if len(model.data_shape) == 3:
         return save_png(image_grid(from_model(torch.nan_to_num(x), model.data_range)), path)
     return save_png(scatter_plot(torch.nan_to_num(x).cpu().numpy()), path)
+
+
+@torch.no_grad()
+def write_reconstructions(model: ELBOModel, data: DataConfig, path: Path, t: TrainConfig) -> Path | None:
+    """For models with an encoder (a VAE): held-out images and their reconstructions, in alternating columns."""
+    if not hasattr(model, "reconstruct") or len(model.data_shape) != 3:
+        return None
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=_cuda_devices(model)):
+        generator = torch.Generator().manual_seed(t.seed)
+        x = to_model(data.load("test").data[: max(1, t.num_samples // 2)], model.data_range, generator=generator)
+        x = x.to(next(model.parameters()).device)
+        pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
+    model.train(was_training)
+    return save_png(image_grid(from_model(torch.nan_to_num(pairs), model.data_range)), path)
 
 
 @torch.no_grad()
