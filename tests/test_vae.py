@@ -82,6 +82,23 @@ def test_discretized_decoders_sum_to_one_over_256_levels(name, mode):
     torch.testing.assert_close(total, torch.zeros_like(total), rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["bernoulli", "discretized-gaussian", "discretized-logistic"])
+def test_decoder_draws_follow_the_decoders_own_probabilities(name):
+    # Monte Carlo: the frequency of each value among n seeded draws is within 5 standard errors of exp(log_prob)
+    lik = build_likelihood(name, 1, "fixed", 0.05).double()
+    values = torch.tensor([0.0, 1.0], dtype=torch.float64) if name == "bernoulli" else GRID
+    n = 200_000
+    for loc in (-0.97, 0.31):
+        params = torch.full((n, 1), loc if name != "bernoulli" else 4 * loc, dtype=torch.float64)
+        x = lik.draw(params, generator=torch.Generator().manual_seed(0))[:, 0]
+        idx = torch.searchsorted(values, x).clamp(max=len(values) - 1)
+        assert torch.equal(values[idx], x), "every draw is one of the decoder's values"
+        freq = torch.bincount(idx, minlength=len(values)).double() / n
+        prob = torch.exp(lik.log_prob(params[:1].expand(len(values), 1), values[:, None]))[:, 0]
+        stderr = torch.sqrt(prob * (1 - prob) / n)
+        assert torch.all((freq - prob).abs() <= 5 * stderr + 1e-12), name
+
+
 @pytest.mark.parametrize("mode", ["fixed", "learned", "learned-pixel"])
 def test_gaussian_density_integrates_to_one_in_1d_and_2d(mode):
     lik = build_likelihood("gaussian", 1, mode, 0.2).double()

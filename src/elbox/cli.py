@@ -178,7 +178,8 @@ def cmd_train(argv: list[str]) -> int:
     if result.skipped:
         parts.append(f"{result.skipped} step(s) skipped for NaN/Inf")
     if result.heldout_bpd is not None:
-        parts.append(f"held-out bound: {result.heldout_bpd:.4f} bits/dim ({cfg.train.final_eval_examples} examples max)")
+        parts.append(f"held-out bound: {result.heldout_bpd:.4f} bits/dim (full bound, {result.heldout_examples} "
+                     f"test examples)")
     parts.append("wrote " + ", ".join(map(str, result.written())))
     print("elbox: " + "; ".join(parts), flush=True)
     return code

@@ -18,15 +18,14 @@ from torch import Tensor, nn
 
 from elbox.errors import UserError
 from elbox.objectives.diffusion import GaussianDiffusion
+from elbox.objectives.draws import randn_from
 
 Progress = Callable[[int, int], None]
 
 
 def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard normal noise from a seeded generator, the same numbers on any device."""
-    # Noise is drawn on the generator's device and moved, so a seed gives the same samples on any device.
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+    """Standard normal noise from a seeded generator, the same numbers on any device (``draws.randn_from``)."""
+    return randn_from(generator, shape, device)
 
 
 @torch.no_grad()

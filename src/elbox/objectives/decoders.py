@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elbox.errors import UserError
+from elbox.objectives.draws import rand_from, randn_from
 from elbox.objectives.gaussian import discretized_gaussian_log_likelihood, gaussian_log_prob, log1mexp
 
 #: the smallest log-scale a learned scale may take (e^-7 ~ 1e-3), so that a decoder on constant pixels (MNIST's
@@ -120,7 +121,8 @@ class Bernoulli(Likelihood):
         return torch.sigmoid(params)
 
     def draw(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return torch.bernoulli(torch.sigmoid(params), generator=generator)
+        p = torch.sigmoid(params)
+        return (rand_from(generator, p.shape, p.device, p.dtype) < p).to(p.dtype)  # u < p is Bernoulli(p)
 
 
 class LocationScale(Likelihood):
@@ -157,7 +159,7 @@ class LocationScale(Likelihood):
 
     def noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
         """Standard noise of this family (normal; logistic for the logistic decoder)."""
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+        return randn_from(generator, like.shape, like.device, like.dtype)
 
     def draw(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         loc, log_sigma = self.split(params)
@@ -216,7 +218,7 @@ class DiscretizedLogistic(LocationScale):
         return discretized_logistic_log_likelihood(x, loc, log_sigma.expand_as(x), bins=BINS)
 
     def noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
-        u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+        u = rand_from(generator, like.shape, like.device, like.dtype)
         u = u.clamp(1e-6, 1.0 - 1e-6)
         return torch.log(u) - torch.log1p(-u)  # the logistic quantile function
 

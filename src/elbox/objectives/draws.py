@@ -11,6 +11,10 @@ so compute the same gradient (up to floating-point rounding). The price is that 
 the whole global batch, which is small next to one pass of the network.
 
 A draw inside the context must be for the micro-batch's rows (its first dimension is the micro-batch size).
+
+Sampling and evaluation are seeded differently: through a ``torch.Generator`` the caller passes (usually a CPU
+one). ``randn_from``/``rand_from`` draw on the generator's device and move the numbers to where the model is, so
+one seed gives the same samples on a CPU and on a GPU.
 """
 
 from __future__ import annotations
@@ -89,3 +93,22 @@ def multinomial(probs: Tensor, n: int) -> Tensor:
         return torch.multinomial(probs, n, replacement=True)
     full = torch.multinomial(probs, gb.total, replacement=True, generator=gb.generator(probs.device))
     return gb.keep(full, n)
+
+
+# ------------------------------------------------------------------------- seeded draws for sampling/evaluation
+def _from(fn, generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device | str,
+          dtype: torch.dtype | None) -> Tensor:
+    gen_device = generator.device if generator is not None else device
+    return fn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def randn_from(generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device | str,
+               dtype: torch.dtype | None = None) -> Tensor:
+    """Standard normal noise from ``generator`` (any device), on ``device``: the same numbers wherever it lands."""
+    return _from(torch.randn, generator, tuple(shape), device, dtype)
+
+
+def rand_from(generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device | str,
+              dtype: torch.dtype | None = None) -> Tensor:
+    """Uniform noise in [0, 1) from ``generator`` (any device), on ``device``."""
+    return _from(torch.rand, generator, tuple(shape), device, dtype)

@@ -302,7 +302,7 @@ class VAE(ELBOModel):
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """n draws z ~ N(0, I) pushed through the decoder, returned as the decoder's mean (see ``decode``)."""
         p = next(self.parameters())
-        z = torch.randn((n, self.latent_dim), generator=generator, dtype=p.dtype, device=p.device)
+        z = draws.randn_from(generator, (n, self.latent_dim), p.device, p.dtype)
         return self.decode(z, generator=generator)
 
     @torch.no_grad()

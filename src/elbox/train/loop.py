@@ -57,7 +57,7 @@ from elbox.objectives.terms import Terms
 from elbox.train import checkpoint as ckpt
 from elbox.train.distributed import DistInfo, any_rank, from_main, gather, mean_over_ranks, setup, teardown
 from elbox.train.ema import EMA
-from elbox.train.outputs import (METRICS, MetricsLog, RunFolder, heldout_bpd, plot_loss_curve, progress_bar,
+from elbox.train.outputs import (METRICS, MetricsLog, RunFolder, heldout_bound, plot_loss_curve, progress_bar,
                                  write_reconstructions, write_samples)
 
 
@@ -70,6 +70,7 @@ class TrainResult:
     seconds: float
     images_per_second: float
     heldout_bpd: float | None
+    heldout_examples: int | None  # how many held-out examples heldout_bpd is the mean over
     stopped_by: str | None = None  # "SIGINT"/"SIGTERM" when a signal ended the run early
     skipped: int = 0  # steps whose update was skipped for a NaN/Inf (on_nonfinite="skip")
     is_main: bool = True  # rank 0, the process that wrote the run folder
@@ -244,7 +245,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
                     if step % t.checkpoint_every == 0 and step < t.steps:
                         last_ckpt = save(step)
                         if t.eval_batches > 0 and metrics is not None:
-                            bpd = heldout_bpd(ema.model if ema else model, cfg, t.eval_batches * t.batch_size, info.device)
+                            bpd = heldout_bound(ema.model if ema else model, cfg, t.eval_batches * t.batch_size, info.device).bpd
                             metrics.write({"step": step, "heldout_bpd": bpd})
                     if stop_now:
                         stopped_by = stop.received or "SIGTERM"  # a signal to another rank: torchrun's SIGTERM
@@ -265,9 +266,10 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
                 samples_path = write_samples(ema.model if ema else model, out / "samples.png", t)
                 write_reconstructions(ema.model if ema else model, cfg.data, out / "reconstructions.png", t)
                 if t.final_eval_examples > 0:
-                    heldout = heldout_bpd(ema.model if ema else model, cfg, t.final_eval_examples, info.device)
+                    heldout = heldout_bound(ema.model if ema else model, cfg, t.final_eval_examples, info.device)
         return TrainResult(run_dir=out, step=step, checkpoint=last_ckpt, samples=samples_path, seconds=seconds,
-                           images_per_second=images_seen / max(seconds, 1e-9), heldout_bpd=heldout,
+                           images_per_second=images_seen / max(seconds, 1e-9),
+                           heldout_bpd=heldout.bpd if heldout else None, heldout_examples=heldout.examples if heldout else None,
                            stopped_by=stopped_by, skipped=skipped, is_main=info.is_main)
     finally:
         if folder is not None:

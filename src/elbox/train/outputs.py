@@ -13,7 +13,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from elbox.errors import UserError
 from elbox.objectives.base import ELBOModel
 from elbox.train.checkpoint import write_text_atomic
 from elbox.viz import image_grid, line_plot, save_png, scatter_plot
+
+if TYPE_CHECKING:
+    from elbox.evaluate import Evaluation
 
 METRICS = "metrics.jsonl"
 
@@ -156,16 +159,16 @@ def write_reconstructions(model: ELBOModel, data: DataConfig, path: Path, t: Tra
 
 
 @torch.no_grad()
-def heldout_bpd(model: ELBOModel, cfg: RunConfig, examples: int, device: torch.device) -> float:
-    """The full bound, in bits/dim, on the first ``examples`` held-out examples (the test split); the training
-    RNG is left untouched, as in ``write_samples``."""
+def heldout_bound(model: ELBOModel, cfg: RunConfig, examples: int, device: torch.device) -> Evaluation:
+    """The full bound (``.bpd`` in bits/dim, ``.examples`` how many) on the first ``examples`` held-out examples
+    (the test split, or all of it when it is smaller); the training RNG is left untouched, as in ``write_samples``."""
     from elbox.evaluate import evaluate_bound
 
     was_training = model.training
     with torch.random.fork_rng(devices=_cuda_devices(model)):
-        bpd = evaluate_bound(model, cfg.data, examples=examples, device=device).bpd
+        evaluation = evaluate_bound(model, cfg.data, examples=examples, device=device)
     model.train(was_training)
-    return bpd
+    return evaluation
 
 
 def _cuda_devices(model: torch.nn.Module) -> list[int]:
