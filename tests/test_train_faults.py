@@ -201,6 +201,31 @@ def test_a_file_size_limit_during_a_save_keeps_the_previous_checkpoint(tmp_path)
     _assert_refused_and_previous_intact(proc, run, "the disk is full (File too large)")
 
 
+def test_a_full_disk_between_checkpoints_stops_in_one_line_and_the_run_resumes(tmp_path):
+    """Metrics lines and TensorBoard events, not a checkpoint, hit the limit: one line, exit 2, nothing lost."""
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY, "--steps", "2", "--final-eval-examples", "0", "--log-every", "1"]) == 0
+    written = [p for p in run.rglob("*") if p.is_file() and "checkpoints" not in p.parts]
+    limit = max(p.stat().st_size for p in written) + 2048  # room for a few dozen metrics lines, not 400
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = launch("--resume", run, "--steps", "400", "--checkpoint-every", "1000", "--log-every", "1",
+                  preexec_fn=small_files)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines  # no traceback, also none from TensorBoard's writer thread
+    assert "the disk is full (File too large) while writing to the run folder" in lines[0]
+    assert f"the last checkpoint, {run / 'checkpoints' / 'step-0000002'}, is intact" in lines[0]
+    assert f"elbox train --resume {run}" in lines[0]
+    # once there is room again, the run goes on from its checkpoint
+    assert main(["train", "--resume", str(run), "--steps", "4"]) == 0
+    assert ckpt.load_checkpoint(run).step == 4
+
+
 # ----------------------------------------------------------------------------------------------------- NaN
 def test_a_nan_stops_the_command_naming_step_and_term(tmp_path):
     """A real blow-up: lr 1e30 makes the weights ~1e30 after one step, and step 2's loss is not finite."""

@@ -271,6 +271,15 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
                            images_per_second=images_seen / max(seconds, 1e-9),
                            heldout_bpd=heldout.bpd if heldout else None, heldout_examples=heldout.examples if heldout else None,
                            stopped_by=stopped_by, skipped=skipped, is_main=info.is_main)
+    except OSError as e:
+        if e.errno not in ckpt.DISK_FULL:
+            raise
+        # metrics lines, sample grids, TensorBoard events: a full disk there is no reason for a traceback
+        latest = ckpt.latest_checkpoint(out, verify=False)
+        kept = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint was written yet"
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"the disk is full ({e.strerror}) while writing to the run folder {out}{where}; {kept}; "
+                        f"free some space, then `elbox train --resume {out}`") from None
     finally:
         if folder is not None:
             folder.close()

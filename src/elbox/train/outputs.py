@@ -12,6 +12,7 @@ import fcntl
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,21 +95,41 @@ class MetricsLog:
         except ImportError:  # tensorboard is optional (pip install elbox[tensorboard])
             pass
         else:  # purge_step: after a resume, hide events that the checkpoint does not cover
-            self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.tensorboard_dir = out / "tensorboard"
+            self.tensorboard = SummaryWriter(str(self.tensorboard_dir), purge_step=start_step + 1 if start_step else None)
+            # TensorBoard writes from a thread and re-raises that thread's error (a full disk, say) in the next
+            # add_scalar; keep the thread from also printing it as a traceback
+            self._excepthook = threading.excepthook
+            threading.excepthook = self._quiet_tensorboard_thread
+
+    def _quiet_tensorboard_thread(self, args: Any) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            self._excepthook(args)
 
     def write(self, record: dict[str, Any]) -> None:
         record = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # name the file (a failed flush does not)
+            raise OSError(e.errno, e.strerror, self.file.name) from None
         if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+            try:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self.tensorboard_dir)) from None
 
     def close(self) -> None:
-        self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        try:
+            self.file.close()
+            if self.tensorboard is not None:
+                with contextlib.suppress(OSError):  # its error, if any, was raised by write() already
+                    self.tensorboard.close()
+        finally:
+            if self.tensorboard is not None:
+                threading.excepthook = self._excepthook
 
 
 def plot_loss_curve(out: Path) -> Path:
