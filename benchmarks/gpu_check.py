@@ -7,7 +7,7 @@ stage is recorded and the next one runs:
 
 1. ``correct`` — the same weights and inputs on the GPU (fp32, TF32 off; then TF32) and on the CPU in float64:
    relative error of the DDPM's full bound per example; and seeded ancestral samples on the GPU vs the CPU, both
-   fp32 (``elbox.samplers.randn`` promises the same noise on any device).
+   fp32 (``draws.randn_from`` promises the same noise on any device).
 2. ``main_job`` — README's main command (`elbox train --steps 3000 --lr 1e-3`, digits 8x8) on the GPU: wall time,
    held-out bits/dim; samples.png is copied to DIR.
 3. ``cifar`` — the 35.7M `ddpm-cifar10` U-Net (Ho et al. appendix B) trained on CIFAR-10 through the real loop

@@ -23,11 +23,6 @@ from elbox.objectives.draws import randn_from
 Progress = Callable[[int, int], None]
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard normal noise from a seeded generator, the same numbers on any device (``draws.randn_from``)."""
-    return randn_from(generator, shape, device)
-
-
 @torch.no_grad()
 def ancestral_sample(
     diffusion: GaussianDiffusion,
@@ -41,13 +36,13 @@ def ancestral_sample(
 ) -> Tensor:
     """DDPM Algorithm 2: x_T ~ N(0, I); for t = T..1: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) if t > 1."""
     device = torch.device(device)
-    x = randn(shape, generator, device)
+    x = randn_from(generator, shape, device)
     T = diffusion.num_timesteps
     for i in reversed(range(T)):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
         out = diffusion.p_mean_variance(net, x, t, clip_denoised=clip_denoised)
         if i > 0:
-            x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * randn(shape, generator, device)
+            x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * randn_from(generator, shape, device)
         else:
             x = out["mean"]  # the last step returns the mean (no noise at t = 1)
         if progress is not None:
@@ -89,7 +84,7 @@ def ddim_sample(
     T = diffusion.num_timesteps
     tau = ddim_timesteps(T, steps or T)
     abar = diffusion.alphas_cumprod.to(device)
-    x = randn(shape, generator, device)
+    x = randn_from(generator, shape, device)
     for k, i in enumerate(tau):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
         out = diffusion.p_mean_variance(net, x, t, clip_denoised=clip_denoised)
@@ -101,7 +96,7 @@ def ddim_sample(
         direction = torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0.0))
         x = abar_prev.sqrt().to(x.dtype) * x0_hat + direction.to(x.dtype) * eps_hat
         if k + 1 < len(tau):
-            x = x + sigma.to(x.dtype) * randn(shape, generator, device)
+            x = x + sigma.to(x.dtype) * randn_from(generator, shape, device)
         if progress is not None:
             progress(k + 1, len(tau))
     return x

@@ -27,7 +27,7 @@ from elbox.objectives.diffusion import (
     beta_schedule,
 )
 from elbox.objectives.terms import LN2, Terms
-from elbox.samplers import ancestral_sample, ddim_sample, randn
+from elbox.samplers import ancestral_sample, ddim_sample
 
 Sampler = Literal["ancestral", "ddim"]
 
@@ -131,7 +131,7 @@ class DDPM(ELBOModel):
         per_step = []
         for i in range(d.num_timesteps):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            x_t = d.q_sample(x, t, randn(tuple(x.shape), generator, x.device).to(x.dtype))
+            x_t = d.q_sample(x, t, draws.randn_from(generator, x.shape, x.device, x.dtype))
             l_t, _ = d.vlb_terms(self.net, x, x_t, t, clip_denoised=self.clip_denoised)
             per_step.append(l_t.float())
         terms = {"decoder_nll": per_step[0]}

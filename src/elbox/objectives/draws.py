@@ -99,12 +99,14 @@ def multinomial(probs: Tensor, n: int) -> Tensor:
 def _from(fn, generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device | str,
           dtype: torch.dtype | None) -> Tensor:
     gen_device = generator.device if generator is not None else device
-    return fn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+    # drawn in float32 and then cast: the same numbers on any device and at any precision (up to the cast)
+    return fn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
 def randn_from(generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device | str,
                dtype: torch.dtype | None = None) -> Tensor:
-    """Standard normal noise from ``generator`` (any device), on ``device``: the same numbers wherever it lands."""
+    """Standard normal noise from ``generator`` (any device), on ``device`` as ``dtype``: the same numbers wherever
+    it lands."""
     return _from(torch.randn, generator, tuple(shape), device, dtype)
 
 
