@@ -245,7 +245,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
                     if step % t.checkpoint_every == 0 and step < t.steps:
                         last_ckpt = save(step)
                         if t.eval_batches > 0 and metrics is not None:
-                            bpd = heldout_bound(ema.model if ema else model, cfg, t.eval_batches * t.batch_size, info.device).bpd
+                            bpd = heldout_bound(ema.model if ema else model, cfg, t.eval_batches * t.batch_size,
+                                                info.device).bpd
                             metrics.write({"step": step, "heldout_bpd": bpd})
                     if stop_now:
                         stopped_by = stop.received or "SIGTERM"  # a signal to another rank: torchrun's SIGTERM
@@ -269,7 +270,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
                     heldout = heldout_bound(ema.model if ema else model, cfg, t.final_eval_examples, info.device)
         return TrainResult(run_dir=out, step=step, checkpoint=last_ckpt, samples=samples_path, seconds=seconds,
                            images_per_second=images_seen / max(seconds, 1e-9),
-                           heldout_bpd=heldout.bpd if heldout else None, heldout_examples=heldout.examples if heldout else None,
+                           heldout_bpd=heldout.bpd if heldout else None,
+                           heldout_examples=heldout.examples if heldout else None,
                            stopped_by=stopped_by, skipped=skipped, is_main=info.is_main)
     except OSError as e:
         if e.errno not in ckpt.DISK_FULL:
