@@ -57,12 +57,14 @@ from elbox.objectives.terms import Terms
 from elbox.train import checkpoint as ckpt
 from elbox.train.distributed import DistInfo, any_rank, from_main, gather, mean_over_ranks, setup, teardown
 from elbox.train.ema import EMA
+# Mutation testing (issue 9) covers the training step (train_step and the helpers it calls); the set-up, the loop's
+# bookkeeping and resume are marked "no mutate block" and are checked by the end-to-end tests instead.
 from elbox.train.outputs import (METRICS, MetricsLog, RunFolder, heldout_bound, plot_loss_curve, progress_bar,
                                  write_reconstructions, write_samples)
 
 
 @dataclass
-class TrainResult:
+class TrainResult:  # pragma: no mutate block
     run_dir: Path
     step: int
     checkpoint: Path | None
@@ -86,7 +88,7 @@ class TrainResult:
         return [p for p in paths if p is not None and p.exists()]
 
 
-def describe(model: ELBOModel, cfg: RunConfig) -> dict[str, Any]:
+def describe(model: ELBOModel, cfg: RunConfig) -> dict[str, Any]:  # pragma: no mutate block
     """The JSON description from which ``elbox.load`` rebuilds the model without the original command."""
     return {
         "kind": model.kind,
@@ -98,11 +100,11 @@ def describe(model: ELBOModel, cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def build_model(cfg: RunConfig, data_shape: tuple[int, ...]) -> ELBOModel:
+def build_model(cfg: RunConfig, data_shape: tuple[int, ...]) -> ELBOModel:  # pragma: no mutate block
     return MODELS[cfg.model][1](cfg.model_config, data_shape)
 
 
-def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResult:
+def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResult:  # pragma: no mutate block
     """Train ``cfg`` into the run folder ``out`` (or continue it with ``resume=True``)."""
     out = Path(out)
     t = cfg.train
@@ -173,38 +175,13 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
         try:
             with _StopSignal() as stop:
                 while step < t.steps:
-                    lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else t.lr
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    model.train()
-                    # this rank's share of the step's global batch, in micro-batches for gradient accumulation
-                    batch = next(batches)
-                    step_seed = derive_seed("draws", t.seed, step)
-                    terms_seen: list[Terms] = []
-                    for micro, (x_uint8, rows) in enumerate(zip(batch.chunk(t.grad_accum), micro_rows)):
-                        # DDP all-reduces the gradients once, on the last micro-batch
-                        last = micro == t.grad_accum - 1
-                        sync = loss_module.no_sync() if info.enabled and not last else contextlib.nullcontext()
-                        with sync:
-                            with draws.global_batch(step_seed, rows, t.batch_size), _autocast(t.precision, info.device):
-                                x = _to_model(x_uint8, model.data_range, t.channels_last)
-                                loss, terms = loss_module(x, step)
-                            scaler.scale(loss / t.grad_accum).backward()
-                        terms_seen.append(terms)
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-
-                    # One check (and, under torchrun, one tiny all-reduce) per step: NaN/Inf here or on any rank,
-                    # and a stop signal on any rank. fp16's gradient overflows are the grad scaler's to handle.
-                    total = sum(tm.loss.detach().sum() + tm.nll.detach().sum() for tm in terms_seen)  # NaN/Inf spreads
-                    finite = torch.isfinite(total)
-                    if t.precision != "fp16":
-                        finite = finite & torch.isfinite(grad_norm)
-                    bad_here = not bool(finite)
-                    bad, stop_now = any_rank([bad_here, stop.received is not None], info)
-                    nonfinite = None
+                    done = train_step(step, next(batches), t=t, model=model, loss_module=loss_module,
+                                      optimizer=optimizer, scaler=scaler, ema=ema, info=info, micro_rows=micro_rows,
+                                      stop_received=stop.received is not None)
+                    terms_seen, lr, grad_norm, nonfinite, stop_now = (done.terms, done.lr, done.grad_norm,
+                                                                      done.nonfinite, done.stop_now)
+                    bad = nonfinite is not None
                     if bad:
-                        nonfinite = _nonfinite_where(terms_seen) if bad_here else "the batch of another process"
                         if t.on_nonfinite == "stop":
                             if metrics is not None:
                                 metrics.write({"step": step + 1, "nonfinite": nonfinite, "stopped": True})
@@ -212,13 +189,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
                                     else "no checkpoint was written yet")
                             raise UserError(f"non-finite value (NaN/Inf) in {nonfinite} at step {step + 1}; stopped; "
                                             f"{kept}; try a lower --lr, --grad-clip, or --on-nonfinite skip")
-                        skipped += 1  # the update is skipped, the step counts
-                    else:
-                        scaler.step(optimizer)  # fp16: skips the update itself when the scaled gradient overflowed
-                        if ema is not None:
-                            ema.update(model)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
+                        skipped += 1  # the update was skipped, the step counts
                     step += 1
                     images_seen += t.batch_size
                     window_images += t.batch_size
@@ -288,6 +259,63 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
         teardown()
 
 
+@dataclass
+class StepOutcome:
+    """What one optimizer step leaves for the loop: its terms (one ``Terms`` per micro-batch), the learning rate
+    and gradient norm it used, where a NaN/Inf was (its update was then skipped), and whether any rank was asked
+    to stop."""
+
+    terms: list[Terms]
+    lr: float
+    grad_norm: torch.Tensor
+    nonfinite: str | None
+    stop_now: bool
+
+
+def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOModel, loss_module: nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema: EMA | None, info: DistInfo,
+               micro_rows: list[torch.Tensor], stop_received: bool) -> StepOutcome:
+    """One optimizer step on this rank's share ``batch`` (uint8) of the step's global batch: learning-rate
+    warm-up, forward and backward over the micro-batches, clipping, the NaN/Inf check, the update and the EMA."""
+    lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else t.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    step_seed = derive_seed("draws", t.seed, step)
+    terms_seen: list[Terms] = []
+    for micro, (x_uint8, rows) in enumerate(zip(batch.chunk(t.grad_accum), micro_rows)):
+        # DDP all-reduces the gradients once, on the last micro-batch
+        last = micro == t.grad_accum - 1
+        sync = loss_module.no_sync() if info.enabled and not last else contextlib.nullcontext()
+        with sync:
+            with draws.global_batch(step_seed, rows, t.batch_size), _autocast(t.precision, info.device):
+                x = _to_model(x_uint8, model.data_range, t.channels_last)
+                loss, terms = loss_module(x, step)
+            scaler.scale(loss / t.grad_accum).backward()
+        terms_seen.append(terms)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+
+    # One check (and, under torchrun, one tiny all-reduce) per step: NaN/Inf here or on any rank, and a stop
+    # signal on any rank. fp16's gradient overflows are the grad scaler's to handle.
+    total = sum(tm.loss.detach().sum() + tm.nll.detach().sum() for tm in terms_seen)  # NaN/Inf spreads
+    finite = torch.isfinite(total)
+    if t.precision != "fp16":
+        finite = finite & torch.isfinite(grad_norm)
+    bad_here = not bool(finite)
+    bad, stop_now = any_rank([bad_here, stop_received], info)
+    nonfinite = None
+    if bad:
+        nonfinite = _nonfinite_where(terms_seen) if bad_here else "the batch of another process"
+    else:
+        scaler.step(optimizer)  # fp16: skips the update itself when the scaled gradient overflowed
+        if ema is not None:
+            ema.update(model)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(terms=terms_seen, lr=lr, grad_norm=grad_norm, nonfinite=nonfinite, stop_now=stop_now)
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 class _LossModule(nn.Module):
     """Wraps a model so that DistributedDataParallel sees its training loss as a forward pass."""
@@ -301,7 +329,7 @@ class _LossModule(nn.Module):
         return terms.loss.mean(), terms
 
 
-class _StopSignal:
+class _StopSignal:  # pragma: no mutate block
     """Turns the first SIGINT/SIGTERM into a flag the loop checks after each step (then it saves and stops); a
     second one acts as if elbox had not caught the first (Ctrl-C twice: stop now)."""
 
@@ -331,7 +359,7 @@ class _StopSignal:
         self._restore()
 
 
-def _check_setup(t: TrainConfig, info: DistInfo) -> int:
+def _check_setup(t: TrainConfig, info: DistInfo) -> int:  # pragma: no mutate block
     """Validate the loop's settings; return the examples each process takes per step."""
     for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "num_samples"):
         if getattr(t, name) < 1:
@@ -389,13 +417,13 @@ def _compile_networks(model: ELBOModel, backend: str) -> None:
             child.compile(backend=backend)
 
 
-def _read_latest(out: Path) -> ckpt.Checkpoint | None:
+def _read_latest(out: Path) -> ckpt.Checkpoint | None:  # pragma: no mutate block
     latest = ckpt.latest_checkpoint(out)
     return ckpt.load_checkpoint(latest) if latest is not None else None
 
 
 def _restore(state: ckpt.Checkpoint, cfg: RunConfig, model: ELBOModel, ema: EMA | None, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler, loader: InMemoryLoader, info: DistInfo) -> int:
+             scaler: torch.amp.GradScaler, loader: InMemoryLoader, info: DistInfo) -> int:  # pragma: no mutate block
     """Put a run back exactly as it was when ``state`` was saved; return its step."""
     saved, now = state.description["config"], cfg.to_dict()[cfg.model]
     changed = [k for k in now if saved.get(k) != now[k]]
