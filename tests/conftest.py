@@ -5,8 +5,6 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 # Tests are CPU-only and deterministic; keep torch from oversubscribing the 2 cores of CI.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -22,9 +20,3 @@ def run_elbox(*args: str, cwd: Path | None = None, timeout: float = 300, env: di
 def elbox_cli():
     return run_elbox
 
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"the shared data folder {SHARED_DATA} is not here")
-    return SHARED_DATA

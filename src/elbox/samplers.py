@@ -31,18 +31,19 @@ def ancestral_sample(
     *,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
     clip_denoised: bool = True,
     progress: Progress | None = None,
 ) -> Tensor:
     """DDPM Algorithm 2: x_T ~ N(0, I); for t = T..1: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) if t > 1."""
     device = torch.device(device)
-    x = randn_from(generator, shape, device)
+    x = randn_from(generator, shape, device, dtype)
     T = diffusion.num_timesteps
     for i in reversed(range(T)):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
         out = diffusion.p_mean_variance(net, x, t, clip_denoised=clip_denoised)
         if i > 0:
-            x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * randn_from(generator, shape, device)
+            x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * randn_from(generator, shape, device, dtype)
         else:
             x = out["mean"]  # the last step returns the mean (no noise at t = 1)
         if progress is not None:
@@ -68,6 +69,7 @@ def ddim_sample(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
     clip_denoised: bool = True,
     progress: Progress | None = None,
 ) -> Tensor:
@@ -84,7 +86,7 @@ def ddim_sample(
     T = diffusion.num_timesteps
     tau = ddim_timesteps(T, steps or T)
     abar = diffusion.alphas_cumprod.to(device)
-    x = randn_from(generator, shape, device)
+    x = randn_from(generator, shape, device, dtype)
     for k, i in enumerate(tau):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
         out = diffusion.p_mean_variance(net, x, t, clip_denoised=clip_denoised)
@@ -96,7 +98,7 @@ def ddim_sample(
         direction = torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0.0))
         x = abar_prev.sqrt().to(x.dtype) * x0_hat + direction.to(x.dtype) * eps_hat
         if k + 1 < len(tau):
-            x = x + sigma.to(x.dtype) * randn_from(generator, shape, device)
+            x = x + sigma.to(x.dtype) * randn_from(generator, shape, device, dtype)
         if progress is not None:
             progress(k + 1, len(tau))
     return x

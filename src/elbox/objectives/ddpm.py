@@ -153,16 +153,17 @@ class DDPM(ELBOModel):
         progress=None,
     ) -> Tensor:
         """n samples in [-1, 1] (images) or in data space (vectors), by ancestral sampling or DDIM."""
-        device = next(self.parameters()).device
+        p = next(self.parameters())
+        device, dtype = p.device, p.dtype
         shape = (n, *self.data_shape)
         if sampler == "ancestral":
             if steps not in (None, self.diffusion.num_timesteps):
                 raise UserError(f"ancestral sampling runs all T={self.diffusion.num_timesteps} steps; use --sampler ddim for steps={steps}")
             return ancestral_sample(self.diffusion, self.net, shape, generator=generator, device=device,
-                                    clip_denoised=self.clip_denoised, progress=progress)
+                                    dtype=dtype, clip_denoised=self.clip_denoised, progress=progress)
         if sampler == "ddim":
             return ddim_sample(self.diffusion, self.net, shape, steps=steps, eta=eta, generator=generator,
-                               device=device, clip_denoised=self.clip_denoised, progress=progress)
+                               device=device, dtype=dtype, clip_denoised=self.clip_denoised, progress=progress)
         raise UserError(f"unknown sampler {sampler!r}; choose ancestral or ddim")
 
 

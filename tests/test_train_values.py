@@ -1,0 +1,226 @@
+"""The training engine's numbers, checked against formulas computed here, not just "training still works".
+
+Each test guards one mechanism of ``elbox.train.loop.train_step`` / ``train`` that a silent bug could break while
+the loss still goes down:
+
+- the EMA follows shadow <- d shadow + (1 - d) param, d = min(decay, (1 + n) / (10 + n)), step by step;
+- ``elbox.load`` returns the EMA weights by default and the raw ones with ``ema=False``;
+- bf16 autocast really runs the network's layers in bfloat16 (and fp32 in float32);
+- ``compile=True`` really hands the networks to torch.compile (dynamo captures graphs);
+- gradient clipping: with plain SGD the update is -lr g min(1, clip / ||g||), and g unclipped with clip 0;
+- gradient accumulation: K micro-batches give the same update as one full batch, -lr times its mean gradient
+  (the loss is divided by K), for a DDPM and a VAE;
+- the learning-rate warm-up: step s uses lr min(1, (s + 1) / W), and the update scales with it (and uses that
+  step's gradient alone: the previous step's is cleared).
+
+The reference gradient is computed here on the same batch with the same draws (``draws.global_batch`` seeded as
+the trainer seeds it). Tiny models on the embedded 8x8 digits, on the CPU.
+"""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import elbox
+from elbox.config import DataConfig, RunConfig, TrainConfig
+from elbox.data import load_dataset, to_model
+from elbox.data.dataset import derive_seed
+from elbox.objectives import draws
+from elbox.objectives.ddpm import DDPMConfig
+from elbox.objectives.vae import VAEConfig
+from elbox.train import checkpoint as ckpt
+from elbox.train.distributed import DistInfo
+from elbox.train.loop import _LossModule, _micro_rows, build_model, train, train_step
+
+ONE_CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+BATCH = 16
+MODELS = {
+    "ddpm": lambda: DDPMConfig(net="micro", timesteps=10),
+    "vae": lambda: VAEConfig(hidden=(32,), latent_dim=4),
+}
+
+
+def tiny(kind: str = "ddpm", **train_kw) -> RunConfig:
+    t = dict(steps=5, batch_size=BATCH, device="cpu", quiet=True, final_eval_examples=0, num_samples=4, lr=1.0,
+             grad_clip=0.0, ema_decay=0.0, log_every=1)
+    return RunConfig(model=kind, model_config=MODELS[kind](), data=DataConfig("digits"),
+                     train=TrainConfig(**{**t, **train_kw}))
+
+
+def digits_batch() -> torch.Tensor:
+    return load_dataset("digits", "train").data[:BATCH]
+
+
+def initial_model(cfg: RunConfig):
+    """The model as ``train`` builds it before its first step."""
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg, (1, 8, 8))
+
+
+def fresh_model(cfg: RunConfig):
+    """The initial model, with small random weights where it has zeros (the U-Net's output convolution), so that
+    every layer gets a gradient, not only the last one."""
+    model = initial_model(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(0.1 * torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+    return model
+
+
+def sgd_step(cfg: RunConfig, model, batch: torch.Tensor, step: int = 0):
+    """One ``train_step`` with plain SGD (no momentum, lr = cfg.train.lr before the warm-up): returns the update of
+    every parameter, flattened into one vector, and the step's outcome."""
+    t = cfg.train
+    before = flat(model.parameters()).clone()
+    outcome = train_step(step, batch, t=t, model=model, loss_module=_LossModule(model),
+                         optimizer=torch.optim.SGD(model.parameters(), lr=t.lr),
+                         scaler=torch.amp.GradScaler("cpu", enabled=False), ema=None, info=ONE_CPU,
+                         micro_rows=_micro_rows(t, ONE_CPU), stop_received=False)
+    return flat(model.parameters()) - before, outcome
+
+
+def reference_grad(cfg: RunConfig, model, batch: torch.Tensor, step: int = 0) -> torch.Tensor:
+    """The gradient of the mean loss over the whole batch, with the draws the trainer makes at ``step``."""
+    model = copy.deepcopy(model).train()
+    model.zero_grad(set_to_none=True)
+    with draws.global_batch(derive_seed("draws", cfg.train.seed, step), torch.arange(BATCH), BATCH):
+        if model.data_range == "binary":  # dynamic binarization: one uniform draw per pixel
+            p = to_model(batch, "unit")
+            x = (draws.rand_like(p) < p).float()
+        else:
+            x = to_model(batch, model.data_range)
+        model.losses(x, step=step).loss.mean().backward()
+    return flat(param.grad for param in model.parameters())
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def assert_same_update(actual: torch.Tensor, expected: torch.Tensor, model) -> None:
+    """Equal up to float32 rounding: of the gradient (relative 1e-5 of the update) and of the weights the update
+    was added to (an update is read back as new weights - old weights)."""
+    err = (actual.double() - expected.double()).norm().item()
+    allowed = 1e-5 * expected.double().norm().item() + 1e-6 * flat(model.parameters()).double().norm().item()
+    assert err < allowed, f"error {err:.3g} > {allowed:.3g}; update norm {actual.norm():.4g} vs {expected.norm():.4g}"
+
+
+# ------------------------------------------------------------------------------------------------------ EMA
+EMA_DECAY = 0.3  # reached at the 3rd update: (1 + 3) / (10 + 3) > 0.3, so both the warm-up and the cap count
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """5 AdamW steps with a large lr (the weights move a lot), a checkpoint after every one."""
+    cfg = tiny(steps=5, lr=1e-2, grad_clip=1.0, ema_decay=EMA_DECAY, checkpoint_every=1, keep_checkpoints=10)
+    run = tmp_path_factory.mktemp("ema") / "run"
+    train(cfg, run)
+    return cfg, run
+
+
+def weights(run, step: int, name: str) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step-{step:07d}" / f"{name}.safetensors")
+
+
+def test_the_ema_follows_its_recursion_step_by_step(ema_run):
+    cfg, run = ema_run
+    model = initial_model(cfg)
+    params = {k for k, _ in model.named_parameters()}
+    shadow = {k: v.detach().double() for k, v in model.named_parameters()}
+    for n in range(1, 6):
+        raw, ema = weights(run, n, "model"), weights(run, n, "ema")
+        d = min(EMA_DECAY, (1 + n) / (10 + n))
+        for k in params:
+            shadow[k] = d * shadow[k] + (1 - d) * raw[k].double()
+            torch.testing.assert_close(ema[k].double(), shadow[k], rtol=1e-5, atol=1e-6, msg=f"update {n}, {k}")
+        for k in raw.keys() - params:  # buffers are copied, not averaged
+            assert torch.equal(ema[k], raw[k]), k
+
+
+def test_load_returns_the_ema_weights_and_ema_false_the_raw_ones(ema_run):
+    _, run = ema_run
+    last = ckpt.latest_checkpoint(run)
+    ema, raw = load_file(last / "ema.safetensors"), load_file(last / "model.safetensors")
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+    for loaded, expected in ((elbox.load(run), ema), (elbox.load(run, ema=False), raw)):
+        state = loaded.state_dict()
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+# ------------------------------------------------------------------------------------- precision, compile
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_autocast_runs_the_network_layers_in_the_chosen_precision(precision, dtype):
+    cfg = tiny(precision=precision, lr=1e-3)
+    model = fresh_model(cfg)
+    seen = []
+    layers = [m for m in model.net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype)) for m in layers]
+    try:
+        sgd_step(cfg, model, digits_batch())
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) >= len(layers) and set(seen) == {dtype}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
+
+
+def test_compile_hands_the_networks_to_dynamo(tmp_path):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        train(tiny(steps=1, lr=1e-3, ema_decay=0.9, compile=True, compile_backend="aot_eager"), tmp_path / "c")
+        assert counters["frames"]["ok"] > 0 and counters["stats"]["unique_graphs"] > 0, dict(counters)
+    finally:
+        torch._dynamo.reset()
+        counters.clear()
+
+
+# ------------------------------------------------------------------------------- clipping, accumulation, lr
+def test_grad_clip_scales_the_sgd_update_to_the_clip_norm():
+    batch, clip = digits_batch(), 1e-3
+    g = reference_grad(tiny(), fresh_model(tiny()), batch)
+    assert g.norm() > 10 * clip  # the clip is active
+
+    lr = 1.0 / clip  # an update of norm 1
+    model = fresh_model(tiny())
+    update, outcome = sgd_step(tiny(lr=lr, grad_clip=clip), model, batch)
+    assert_same_update(update, -lr * g * (clip / g.norm()), model)
+    assert outcome.grad_norm.item() == pytest.approx(g.norm().item(), rel=1e-5)  # the norm before clipping
+
+    model = fresh_model(tiny())
+    update, _ = sgd_step(tiny(lr=1.0, grad_clip=0.0), model, batch)  # 0: clipping off
+    assert_same_update(update, -g, model)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "vae"])
+def test_grad_accumulation_gives_the_full_batch_mean_gradient(kind):
+    batch = digits_batch()
+    g = reference_grad(tiny(kind), fresh_model(tiny(kind)), batch)
+    lr = 1.0 / g.norm().item()  # an update of norm 1
+    for k in (1, 4):
+        cfg = tiny(kind, lr=lr, grad_accum=k)
+        model = fresh_model(cfg)
+        update, outcome = sgd_step(cfg, model, batch)
+        assert len(outcome.terms) == k
+        assert_same_update(update, -lr * g, model)
+
+
+def test_lr_warmup_is_linear_and_scales_the_update():
+    # consecutive steps of one model: each update must use that step's lr and gradient alone (none left over)
+    batch, base_lr, warmup = digits_batch(), 0.2, 4
+    cfg = tiny(lr=base_lr, warmup_steps=warmup)
+    model = fresh_model(cfg)
+    for step in range(6):
+        expected_lr = base_lr * min(1.0, (step + 1) / warmup)
+        g = reference_grad(cfg, model, batch, step)
+        update, outcome = sgd_step(cfg, model, batch, step)
+        assert outcome.lr == pytest.approx(expected_lr, rel=1e-12)
+        assert_same_update(update, -expected_lr * g, model)
