@@ -192,8 +192,11 @@ def test_ddim_timesteps():
     assert ddim_timesteps(1000, 1000) == list(range(999, -1, -1))
     tau = ddim_timesteps(1000, 50)
     assert len(tau) == 50 and tau[0] == 999 and tau[-1] == 0 and tau == sorted(tau, reverse=True)
-    with pytest.raises(UserError):
-        ddim_timesteps(1000, 0)
+    assert ddim_timesteps(1000, 1) == [0] and ddim_timesteps(1, 1) == [0]  # one step: straight from x_T to x_0
+    assert all(isinstance(i, int) for i in ddim_timesteps(10, 3))
+    for bad in (0, -1, 1001):
+        with pytest.raises(UserError, match=f"sampling steps={bad} is not allowed; use 1 <= steps <= T=1000"):
+            ddim_timesteps(1000, bad)
 
 
 @pytest.mark.parametrize("mean_type", ["epsilon", "x0", "v"])

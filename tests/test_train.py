@@ -232,6 +232,8 @@ class FlakyDDPM(DDPM):
         terms = super().losses(x, step=step)
         if self.bad.get(step) == "term":
             terms.terms["prior"] = terms.terms["prior"] * float("nan")
+        elif self.bad.get(step) == "loss":  # the surrogate loss only: every term of the bound stays finite
+            terms.loss = terms.loss * float("inf")
         elif self.bad.get(step) == "grad":  # d/dw sqrt(|w - w|) at 0: the loss stays finite, the gradient does not
             w = next(self.net.parameters())
             terms.loss = terms.loss + (w - w.detach()).abs().sqrt().sum()
@@ -247,7 +249,7 @@ def flaky_run(monkeypatch, tmp_path, bad: dict[int, str], **train) -> tuple[RunC
     return cfg, tmp_path / "run"
 
 
-@pytest.mark.parametrize("kind,where", [("term", "term 'prior'"), ("grad", "the gradient")])
+@pytest.mark.parametrize("kind,where", [("term", "term 'prior'"), ("loss", "the loss"), ("grad", "the gradient")])
 def test_nonfinite_stops_naming_step_and_term_and_keeps_the_last_checkpoint(monkeypatch, tmp_path, kind, where):
     cfg, run = flaky_run(monkeypatch, tmp_path, {2: kind}, steps=5)
     with pytest.raises(UserError) as e:

@@ -224,3 +224,43 @@ def test_lr_warmup_is_linear_and_scales_the_update():
         update, outcome = sgd_step(cfg, model, batch, step)
         assert outcome.lr == pytest.approx(expected_lr, rel=1e-12)
         assert_same_update(update, -expected_lr * g, model)
+
+
+def test_compile_uses_the_chosen_backend_and_rejects_an_unknown_one(tmp_path):
+    """The backend named by compile_backend is the one torch.compile calls (a backend of this test's own, which
+    records its calls); a name torch does not know is one line listing the known ones."""
+    import torch._dynamo
+
+    calls = []
+
+    def recording_backend(gm, example_inputs):
+        calls.append(len(example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(recording_backend, name="elbox_recording_test_backend")
+    try:
+        train(tiny(steps=1, lr=1e-3, compile=True, compile_backend="elbox_recording_test_backend"), tmp_path / "c")
+        assert calls, "the chosen backend was never called"
+    finally:
+        torch._dynamo.reset()
+    with pytest.raises(elbox.UserError, match="compile_backend='no-such' is not known to torch.compile; choose one "
+                                              "of .*inductor"):
+        train(tiny(steps=1, compile=True, compile_backend="no-such"), tmp_path / "d")
+
+
+def test_tensor_digests_tell_bit_identical_tensors_apart_from_any_change():
+    """The digest that proves every DDP rank holds the same weights: equal for equal tensors (in any dict order),
+    different when a value, a dtype, a shape or a name changes."""
+    a = {"w": torch.arange(6.0).view(2, 3), "b": torch.zeros(2)}
+    digest = ckpt.tensors_digest(a)
+    assert len(digest) == 64 and digest == ckpt.tensors_digest({"b": torch.zeros(2), "w": torch.arange(6.0).view(2, 3)})
+    changed = [
+        {**a, "w": a["w"].clone().index_put_((torch.tensor(1), torch.tensor(2)), torch.tensor(5.5))},
+        {**a, "w": a["w"].double()},
+        {**a, "w": a["w"].reshape(3, 2)},
+        {"w2": a["w"], "b": a["b"]},
+        {"w": a["w"]},
+    ]
+    digests = {ckpt.tensors_digest(c) for c in changed}
+    assert digest not in digests and len(digests) == len(changed)

@@ -271,6 +271,33 @@ def test_beta_and_warmup_change_only_the_loss():
     torch.testing.assert_close(t0.loss, t0.nll)
     bound = warm.bound(x)
     torch.testing.assert_close(bound.loss, bound.nll)  # the bound is the ELBO, whatever beta
+    torch.manual_seed(1)
+    torch.testing.assert_close(warm.losses(x).loss, t.terms["decoder_nll"])  # by default, step 0: weight 0
+    one = VAE(VAEConfig(kl_warmup_steps=1, **SMALL), (1, 8, 8))
+    assert [one.kl_weight(s) for s in (0, 1, 2)] == [0.0, 1.0, 1.0]  # a one-step warm-up still starts at 0
+
+
+def test_iwae_in_chunks_is_log_mean_exp_of_the_importance_weights_and_chunk_must_be_positive():
+    """log 1/K sum_k p(x|z_k) N(z_k; 0, I) / q(z_k|x) (Burda et al. eq. 8) computed here with torch.distributions
+    from the same draws (K = 7 in chunks of 3, 3 and 1: eps of shape (chunk, B, L) from the global RNG)."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(**SMALL), (1, 8, 8)).double()
+    x = (torch.rand(3, 1, 8, 8) > 0.5).double()
+    torch.manual_seed(5)
+    got = vae.iwae_bound(x, 7, chunk=3)
+    mu, logvar = vae.encode(x)
+    q = Normal(mu, torch.exp(0.5 * logvar))
+    torch.manual_seed(5)
+    eps = torch.cat([torch.randn((c, 3, 8), dtype=torch.float64) for c in (3, 3, 1)])
+    z = mu + torch.exp(0.5 * logvar) * eps
+    log_w = torch.stack([
+        vae.log_px_given_z(x, z_k) + Normal(0.0, 1.0).log_prob(z_k).sum(1) - q.log_prob(z_k).sum(1) for z_k in z
+    ])
+    expected = torch.logsumexp(log_w, 0) - math.log(7)
+    torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-10, atol=1e-10)
+    for bad in (0, -2):
+        with pytest.raises(UserError, match=f"chunk must be >= 1; got {bad}"):
+            vae.iwae_bound(x, 7, chunk=bad)
 
 
 @pytest.mark.parametrize(
@@ -386,3 +413,19 @@ def test_manifold_decodes_a_grid_over_the_prior(latent_dim):
         z[:, 0] = q.repeat(4)
         z[:, 1] = -q.repeat_interleave(4)
         torch.testing.assert_close(grid, vae.decode(z))
+
+
+@pytest.mark.parametrize("name", sorted(DECODERS))
+def test_decoder_means_and_draws_keep_float64_and_the_data_range(name):
+    """Means and draws come back in the parameters' dtype; a discretized decoder's mean is its location clamped to
+    [-1, 1] (where its edge bins put the mass), a Gaussian's is the location itself, a Bernoulli's is sigmoid."""
+    lik = build_likelihood(name, 1, "fixed", 0.5).double()
+    params = torch.linspace(-3.0, 3.0, 32, dtype=torch.float64).view(2, 1, 4, 4)
+    mean, draw = lik.mean(params), lik.draw(params, torch.Generator().manual_seed(0))
+    assert mean.dtype == draw.dtype == torch.float64 and mean.shape == draw.shape == params.shape
+    expected = {"bernoulli": torch.sigmoid(params), "gaussian": params,
+                "discretized-gaussian": params.clamp(-1, 1), "discretized-logistic": params.clamp(-1, 1)}[name]
+    assert torch.equal(mean, expected)
+    if lik.data_range == "symmetric":  # draws land on the 8-bit grid
+        levels = (draw + 1) * 255 / 2
+        assert torch.allclose(levels, levels.round(), atol=1e-9) and draw.min() >= -1 and draw.max() <= 1

@@ -23,7 +23,6 @@ from elbox.objectives.draws import randn_from
 Progress = Callable[[int, int], None]
 
 
-@torch.no_grad()
 def ancestral_sample(
     diffusion: GaussianDiffusion,
     net: nn.Module,
@@ -36,19 +35,20 @@ def ancestral_sample(
     progress: Progress | None = None,
 ) -> Tensor:
     """DDPM Algorithm 2: x_T ~ N(0, I); for t = T..1: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) if t > 1."""
-    device = torch.device(device)
-    x = randn_from(generator, shape, device, dtype)
-    T = diffusion.num_timesteps
-    for i in reversed(range(T)):
-        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        out = diffusion.p_mean_variance(net, x, t, clip_denoised=clip_denoised)
-        if i > 0:
-            x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * randn_from(generator, shape, device, dtype)
-        else:
-            x = out["mean"]  # the last step returns the mean (no noise at t = 1)
-        if progress is not None:
-            progress(T - i, T)
-    return x
+    with torch.no_grad():
+        device = torch.device(device)
+        x = randn_from(generator, shape, device, dtype)
+        T = diffusion.num_timesteps
+        for i in reversed(range(T)):
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            out = diffusion.p_mean_variance(net, x, t, clip_denoised=clip_denoised)
+            if i > 0:
+                x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * randn_from(generator, shape, device, dtype)
+            else:
+                x = out["mean"]  # the last step returns the mean (no noise at t = 1)
+            if progress is not None:
+                progress(T - i, T)
+        return x
 
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -59,7 +59,6 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return [int(i) for i in tau[::-1]]
 
 
-@torch.no_grad()
 def ddim_sample(
     diffusion: GaussianDiffusion,
     net: nn.Module,
@@ -80,25 +79,26 @@ def ddim_sample(
 
     eta = 0 is the deterministic DDIM; eta = 1 with all T steps is DDPM ancestral sampling with Sigma = beta-tilde.
     """
-    if eta < 0:
-        raise UserError(f"eta={eta} is not allowed; use eta >= 0 (0: deterministic DDIM, 1: DDPM-like)")
-    device = torch.device(device)
-    T = diffusion.num_timesteps
-    tau = ddim_timesteps(T, steps or T)
-    abar = diffusion.alphas_cumprod.to(device)
-    x = randn_from(generator, shape, device, dtype)
-    for k, i in enumerate(tau):
-        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        out = diffusion.p_mean_variance(net, x, t, clip_denoised=clip_denoised)
-        x0_hat = out["pred_x_start"]
-        eps_hat = diffusion.predict_noise_from_start(x, t, x0_hat)
-        abar_t = abar[i]
-        abar_prev = abar[tau[k + 1]] if k + 1 < len(tau) else torch.ones((), dtype=abar.dtype, device=device)
-        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar_t)) * torch.sqrt(1 - abar_t / abar_prev)
-        direction = torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0.0))
-        x = abar_prev.sqrt().to(x.dtype) * x0_hat + direction.to(x.dtype) * eps_hat
-        if k + 1 < len(tau):
-            x = x + sigma.to(x.dtype) * randn_from(generator, shape, device, dtype)
-        if progress is not None:
-            progress(k + 1, len(tau))
-    return x
+    with torch.no_grad():
+        if eta < 0:
+            raise UserError(f"eta={eta} is not allowed; use eta >= 0 (0: deterministic DDIM, 1: DDPM-like)")
+        device = torch.device(device)
+        T = diffusion.num_timesteps
+        tau = ddim_timesteps(T, steps or T)
+        abar = diffusion.alphas_cumprod.to(device)
+        x = randn_from(generator, shape, device, dtype)
+        for k, i in enumerate(tau):
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            out = diffusion.p_mean_variance(net, x, t, clip_denoised=clip_denoised)
+            x0_hat = out["pred_x_start"]
+            eps_hat = diffusion.predict_noise_from_start(x, t, x0_hat)
+            abar_t = abar[i]
+            abar_prev = abar[tau[k + 1]] if k + 1 < len(tau) else torch.ones((), dtype=abar.dtype, device=device)
+            sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar_t)) * torch.sqrt(1 - abar_t / abar_prev)
+            direction = torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0.0))
+            x = abar_prev.sqrt().to(x.dtype) * x0_hat + direction.to(x.dtype) * eps_hat
+            if k + 1 < len(tau):
+                x = x + sigma.to(x.dtype) * randn_from(generator, shape, device, dtype)
+            if progress is not None:
+                progress(k + 1, len(tau))
+        return x

@@ -120,28 +120,27 @@ class DDPM(ELBOModel):
         return Terms(terms={"steps": steps, "prior": prior}, dims=self.dims, loss=loss, extras={"mse": mse.detach()})
 
     # ---------------------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def bound(self, x: Tensor, *, generator: torch.Generator | None = None) -> Terms:
         """The full variational bound on x_0, every timestep computed (no sampling of t), in nats per example:
 
         decoder_nll = L_0, kl = (L_1 .. L_{T-1}) one column per step (t = 2..T in the paper's 1-indexing),
         prior = L_T (Ho et al. eq. 5). Each L_t uses one draw of x_t ~ q(x_t | x_0), as in Nichol & Dhariwal.
         """
-        d = self.diffusion
-        per_step = []
-        for i in range(d.num_timesteps):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            x_t = d.q_sample(x, t, draws.randn_from(generator, x.shape, x.device, x.dtype))
-            l_t, _ = d.vlb_terms(self.net, x, x_t, t, clip_denoised=self.clip_denoised)
-            per_step.append(l_t.float())
-        terms = {"decoder_nll": per_step[0]}
-        if len(per_step) > 1:
-            terms["kl"] = torch.stack(per_step[1:], dim=1)
-        terms["prior"] = d.prior_kl(x).float()
-        return Terms(terms=terms, dims=self.dims)
+        with torch.no_grad():
+            d = self.diffusion
+            per_step = []
+            for i in range(d.num_timesteps):
+                t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+                x_t = d.q_sample(x, t, draws.randn_from(generator, x.shape, x.device, x.dtype))
+                l_t, _ = d.vlb_terms(self.net, x, x_t, t, clip_denoised=self.clip_denoised)
+                per_step.append(l_t.float())
+            terms = {"decoder_nll": per_step[0]}
+            if len(per_step) > 1:
+                terms["kl"] = torch.stack(per_step[1:], dim=1)
+            terms["prior"] = d.prior_kl(x).float()
+            return Terms(terms=terms, dims=self.dims)
 
     # ------------------------------------------------------------------------------------------ sampling
-    @torch.no_grad()
     def sample(
         self,
         n: int,
@@ -153,18 +152,20 @@ class DDPM(ELBOModel):
         progress=None,
     ) -> Tensor:
         """n samples in [-1, 1] (images) or in data space (vectors), by ancestral sampling or DDIM."""
-        p = next(self.parameters())
-        device, dtype = p.device, p.dtype
-        shape = (n, *self.data_shape)
-        if sampler == "ancestral":
-            if steps not in (None, self.diffusion.num_timesteps):
-                raise UserError(f"ancestral sampling runs all T={self.diffusion.num_timesteps} steps; use --sampler ddim for steps={steps}")
-            return ancestral_sample(self.diffusion, self.net, shape, generator=generator, device=device,
-                                    dtype=dtype, clip_denoised=self.clip_denoised, progress=progress)
-        if sampler == "ddim":
-            return ddim_sample(self.diffusion, self.net, shape, steps=steps, eta=eta, generator=generator,
-                               device=device, dtype=dtype, clip_denoised=self.clip_denoised, progress=progress)
-        raise UserError(f"unknown sampler {sampler!r}; choose ancestral or ddim")
+        with torch.no_grad():
+            p = next(self.parameters())
+            device, dtype = p.device, p.dtype
+            shape = (n, *self.data_shape)
+            if sampler == "ancestral":
+                if steps not in (None, self.diffusion.num_timesteps):
+                    raise UserError(f"ancestral sampling runs all T={self.diffusion.num_timesteps} steps; "
+                                    f"use --sampler ddim for steps={steps}")
+                return ancestral_sample(self.diffusion, self.net, shape, generator=generator, device=device,
+                                        dtype=dtype, clip_denoised=self.clip_denoised, progress=progress)
+            if sampler == "ddim":
+                return ddim_sample(self.diffusion, self.net, shape, steps=steps, eta=eta, generator=generator,
+                                   device=device, dtype=dtype, clip_denoised=self.clip_denoised, progress=progress)
+            raise UserError(f"unknown sampler {sampler!r}; choose ancestral or ddim")
 
 
 def build_denoiser(config: DDPMConfig, data_shape: tuple[int, ...], out_factor: int) -> torch.nn.Module:

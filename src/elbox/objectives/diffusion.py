@@ -278,20 +278,20 @@ class GaussianDiffusion(nn.Module):
         t = draws.randint(T, batch_size, device)
         return t, torch.full((batch_size,), float(T), device=device)
 
-    @torch.no_grad()
     def update_loss_history(self, t: Tensor, losses: Tensor) -> None:
         """Record L_t values for importance sampling; with several processes, every rank records every value."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t_all = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
-            l_all = [torch.zeros_like(losses) for _ in range(dist.get_world_size())]
-            dist.all_gather(t_all, t)
-            dist.all_gather(l_all, losses)
-            t, losses = torch.cat(t_all), torch.cat(l_all)
-        for ti, li in zip(t.tolist(), losses.double().tolist()):
-            count = int(self.loss_history_count[ti])
-            if count == 10:
-                self.loss_history[ti, :-1] = self.loss_history[ti, 1:].clone()
-                self.loss_history[ti, -1] = li
-            else:
-                self.loss_history[ti, count] = li
-                self.loss_history_count[ti] += 1
+        with torch.no_grad():
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                t_all = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+                l_all = [torch.zeros_like(losses) for _ in range(dist.get_world_size())]
+                dist.all_gather(t_all, t)
+                dist.all_gather(l_all, losses)
+                t, losses = torch.cat(t_all), torch.cat(l_all)
+            for ti, li in zip(t.tolist(), losses.double().tolist()):
+                count = int(self.loss_history_count[ti])
+                if count == 10:
+                    self.loss_history[ti, :-1] = self.loss_history[ti, 1:].clone()
+                    self.loss_history[ti, -1] = li
+                else:
+                    self.loss_history[ti, count] = li
+                    self.loss_history_count[ti] += 1

@@ -214,18 +214,18 @@ class VAE(ELBOModel):
             mean = torch.clamp(mean, self.likelihood.low, self.likelihood.high)
         return mean
 
-    @torch.no_grad()
     def _decode_autoregressive(self, params: Tensor, generator: torch.Generator | None) -> Tensor:
-        n, (c, h, w) = params.shape[0], self.data_shape
-        x = torch.zeros((n, c, h, w), dtype=params.dtype, device=params.device)
-        mean = torch.zeros_like(x)
-        for i in range(h):
-            for j in range(w):
-                # the context at (i, j) sees only pixels before it, all of which are already drawn
-                p_ij = (params + self.context(x))[:, :, i, j]
-                mean[:, :, i, j] = self.likelihood.mean(p_ij)
-                x[:, :, i, j] = self.likelihood.draw(p_ij, generator)
-        return mean
+        with torch.no_grad():
+            n, (c, h, w) = params.shape[0], self.data_shape
+            x = torch.zeros((n, c, h, w), dtype=params.dtype, device=params.device)
+            mean = torch.zeros_like(x)
+            for i in range(h):
+                for j in range(w):
+                    # the context at (i, j) sees only pixels before it, all of which are already drawn
+                    p_ij = (params + self.context(x))[:, :, i, j]
+                    mean[:, :, i, j] = self.likelihood.mean(p_ij)
+                    x[:, :, i, j] = self.likelihood.draw(p_ij, generator)
+            return mean
 
     def log_px_given_z(self, x: Tensor, z: Tensor) -> Tensor:
         """log p_theta(x|z) in nats, summed over the data dimensions: shape (B,)."""
@@ -298,40 +298,39 @@ class VAE(ELBOModel):
 
     # ---- using the model -----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """n draws z ~ N(0, I) pushed through the decoder, returned as the decoder's mean (see ``decode``)."""
-        p = next(self.parameters())
-        z = draws.randn_from(generator, (n, self.latent_dim), p.device, p.dtype)
-        return self.decode(z, generator=generator)
+        with torch.no_grad():
+            p = next(self.parameters())
+            z = draws.randn_from(generator, (n, self.latent_dim), p.device, p.dtype)
+            return self.decode(z, generator=generator)
 
-    @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """decode(mu(x)): the decoder's mean at the posterior mean of each example, shape of x."""
-        self._check(x)
-        return self.decode(self.encode(x)[0])
+        with torch.no_grad():
+            self._check(x)
+            return self.decode(self.encode(x)[0])
 
-    @torch.no_grad()
     def interpolate(self, x1: Tensor, x2: Tensor, steps: int) -> Tensor:
         """decode((1 - t) mu(x1) + t mu(x2)) for ``steps`` values of t from 0 to 1: linear in latent space.
 
         x1 and x2 are single examples (*data_shape) -> (steps, *data_shape), or batches (B, *data_shape) of
         pairs -> (B, steps, *data_shape).
         """
-        if steps < 2:
-            raise UserError(f"interpolate needs steps >= 2 (both ends); got {steps}")
-        single = tuple(x1.shape) == self.data_shape
-        if single:
-            x1, x2 = x1.unsqueeze(0), x2.unsqueeze(0)
-        self._check(x1)
-        self._check(x2)
-        m1, m2 = self.encode(x1)[0], self.encode(x2)[0]
-        t = torch.linspace(0.0, 1.0, steps, dtype=m1.dtype, device=m1.device).view(1, steps, 1)
-        z = (1 - t) * m1.unsqueeze(1) + t * m2.unsqueeze(1)  # (B, steps, L)
-        out = self.decode(z.flatten(0, 1)).view(x1.shape[0], steps, *self.data_shape)
-        return out[0] if single else out
+        with torch.no_grad():
+            if steps < 2:
+                raise UserError(f"interpolate needs steps >= 2 (both ends); got {steps}")
+            single = tuple(x1.shape) == self.data_shape
+            if single:
+                x1, x2 = x1.unsqueeze(0), x2.unsqueeze(0)
+            self._check(x1)
+            self._check(x2)
+            m1, m2 = self.encode(x1)[0], self.encode(x2)[0]
+            t = torch.linspace(0.0, 1.0, steps, dtype=m1.dtype, device=m1.device).view(1, steps, 1)
+            z = (1 - t) * m1.unsqueeze(1) + t * m2.unsqueeze(1)  # (B, steps, L)
+            out = self.decode(z.flatten(0, 1)).view(x1.shape[0], steps, *self.data_shape)
+            return out[0] if single else out
 
-    @torch.no_grad()
     def manifold(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """decode(z) over an n x n grid of the first two latent dimensions, the others 0: (n * n, *data_shape).
 
@@ -339,14 +338,15 @@ class VAE(ELBOModel):
         through the inverse CDF of N(0, 1), so the grid covers the prior evenly in probability. A 1-D latent space
         gives one line of n * n points.
         """
-        if n < 1:
-            raise UserError(f"manifold needs a grid size n >= 1; got {n}")
-        p = next(self.parameters())
-        if self.latent_dim == 1:
-            u = (torch.arange(n * n, dtype=p.dtype, device=p.device) + 0.5) / (n * n)
-            return self.decode(torch.special.ndtri(u)[:, None], generator=generator)
-        u = (torch.arange(n, dtype=p.dtype, device=p.device) + 0.5) / n
-        rows, cols = torch.meshgrid(torch.special.ndtri(u), torch.special.ndtri(u), indexing="ij")
-        z = torch.zeros((n * n, self.latent_dim), dtype=p.dtype, device=p.device)
-        z[:, 0], z[:, 1] = cols.flatten(), -rows.flatten()  # first dimension left to right, second bottom to top
-        return self.decode(z, generator=generator)
+        with torch.no_grad():
+            if n < 1:
+                raise UserError(f"manifold needs a grid size n >= 1; got {n}")
+            p = next(self.parameters())
+            if self.latent_dim == 1:
+                u = (torch.arange(n * n, dtype=p.dtype, device=p.device) + 0.5) / (n * n)
+                return self.decode(torch.special.ndtri(u)[:, None], generator=generator)
+            u = (torch.arange(n, dtype=p.dtype, device=p.device) + 0.5) / n
+            rows, cols = torch.meshgrid(torch.special.ndtri(u), torch.special.ndtri(u), indexing="ij")
+            z = torch.zeros((n * n, self.latent_dim), dtype=p.dtype, device=p.device)
+            z[:, 0], z[:, 1] = cols.flatten(), -rows.flatten()  # first dimension left to right, second bottom to top
+            return self.decode(z, generator=generator)

@@ -20,11 +20,11 @@ class EMA:
         self.num_updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.num_updates += 1
-        d = min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
-        for shadow, param in zip(self.model.parameters(), model.parameters()):
-            shadow.lerp_(param.detach(), 1.0 - d)
-        for shadow, buf in zip(self.model.buffers(), model.buffers()):
-            shadow.copy_(buf)
+        with torch.no_grad():
+            self.num_updates += 1
+            d = min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
+            for shadow, param in zip(self.model.parameters(), model.parameters()):
+                shadow.lerp_(param.detach(), 1.0 - d)
+            for shadow, buf in zip(self.model.buffers(), model.buffers()):
+                shadow.copy_(buf)

@@ -1,0 +1,116 @@
+"""Mutation testing of elbox's math and training step: how many planted bugs does the test suite catch?
+
+mutmut (``pip install -e '.[dev]'``) rewrites the files listed under ``[tool.mutmut]`` in pyproject.toml one small
+change at a time (a ``+`` for a ``-``, a constant off by one, a dropped argument...) and runs the tests that reach
+the changed function; a mutant is *killed* when a test fails. This script runs it and prints, per file, the share of
+non-equivalent mutants that were killed, as JSON lines and a table.
+
+    python benchmarks/mutation.py              # run (hours on 2 cores; results are cached in mutants/), report
+    python benchmarks/mutation.py --report     # only report the last run's results
+    python benchmarks/mutation.py --survivors  # also print each surviving mutant's diff
+
+Equivalent mutants (changes no test can see because the behaviour is the same) are listed, with the reason, in
+``benchmarks/mutation_equivalent.toml`` and left out of the denominator. A timeout counts as killed (the mutant
+made a test hang, which a test run notices); "no tests" (no test reaches the function) counts as survived.
+
+Only the in-process tests take part (pyproject.toml ignores the end-to-end files that start ``python -m elbox``
+and torchrun subprocesses: most of the suite's time, spent again for every surviving mutant). Should a test start
+one anyway, PYTHONPATH points it at mutmut's copy of the package and the mutant's name travels in the environment,
+so it runs the mutant too. mutmut does not mutate decorated functions (properties, ``@torch.no_grad()``), so the
+math of elbox is written without such decorators where it matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from collections import Counter, defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EQUIVALENT = REPO / "benchmarks" / "mutation_equivalent.toml"
+KILLED = {1, 3, 36, 24, -24, 152, 255}  # mutmut's exit codes for killed and timed out
+SURVIVED = {0, 5, 33}  # survived, no tests
+
+
+def run_mutmut(children: int) -> None:
+    # the folder must exist before Python starts: a PYTHONPATH entry missing at start-up is cached as "nothing here"
+    (REPO / "mutants" / "src").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "mutants" / "src")}
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=REPO, env=env,
+                   check=False)
+
+
+def load_results() -> dict[str, dict[str, int | None]]:
+    """{source file: {mutant name: exit code}} from mutmut's .meta files."""
+    out = {}
+    for meta in sorted((REPO / "mutants").rglob("*.py.meta")):
+        path = meta.relative_to(REPO / "mutants").as_posix()[: -len(".meta")]
+        out[path] = json.loads(meta.read_text())["exit_code_by_key"]
+    return out
+
+
+def mutant_diff(name: str) -> str:
+    return subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=REPO, capture_output=True,
+                          text=True).stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--report", action="store_true", help="do not run mutmut; report the cached results")
+    ap.add_argument("--survivors", action="store_true", help="print the diff of every surviving mutant")
+    ap.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
+    args = ap.parse_args()
+    if not args.report:
+        run_mutmut(args.children)
+    results = load_results()
+    if not results:
+        sys.exit("no mutation results in mutants/; run without --report first")
+    equivalent = tomllib.loads(EQUIVALENT.read_text()).get("equivalent", {}) if EQUIVALENT.is_file() else {}
+    rows = []
+    survivors = defaultdict(list)
+    for path, codes in results.items():
+        count = Counter()
+        for name, code in codes.items():
+            if name in equivalent:
+                count["equivalent"] += 1
+            elif code in KILLED:
+                count["killed"] += 1
+            elif code in SURVIVED:
+                count["survived"] += 1
+                survivors[path].append(name)
+            elif code is None:
+                count["not checked"] += 1
+            else:
+                count["other"] += 1
+        counted = count["killed"] + count["survived"]
+        rows.append({"file": path, "mutants": len(codes), **count,
+                     "score": round(count["killed"] / counted, 4) if counted else None})
+    for row in rows:
+        print(json.dumps(row))
+    print()
+    print(f"{'file':44} {'mutants':>8} {'killed':>7} {'surv.':>6} {'equiv.':>6} {'unrun':>6} {'score':>7}")
+    total = Counter()
+    for row in rows:
+        score = "-" if row["score"] is None else f"{100 * row['score']:.1f}%"
+        print(f"{row['file']:44} {row['mutants']:8} {row.get('killed', 0):7} {row.get('survived', 0):6} "
+              f"{row.get('equivalent', 0):6} {row.get('not checked', 0):6} {score:>7}")
+        total.update({k: row.get(k, 0) for k in ("mutants", "killed", "survived", "equivalent", "not checked")})
+    counted = total["killed"] + total["survived"]
+    print(f"{'all':44} {total['mutants']:8} {total['killed']:7} {total['survived']:6} {total['equivalent']:6} "
+          f"{total['not checked']:6} {100 * total['killed'] / max(counted, 1):6.1f}%")
+    stale = sorted(set(equivalent) - {n for codes in results.values() for n in codes})
+    if stale:
+        print(f"\n{len(stale)} entries of {EQUIVALENT.name} name no current mutant (the code moved): {stale[:5]}")
+    if args.survivors:
+        for path, names in survivors.items():
+            for name in names:
+                print(f"\n# {name}\n{mutant_diff(name)}")
+
+
+if __name__ == "__main__":
+    main()
