@@ -243,3 +243,12 @@ def test_importance_sampling_uses_the_loss_history():
     # the estimate stays unbiased: E[w L_t] = sum_t L_t
     losses = torch.where(torch.arange(20) == 3, 100.0, 1.0)
     assert float((w * losses[t]).mean()) == pytest.approx(float(losses.sum()), rel=0.05)
+
+
+def test_the_loss_history_keeps_the_last_ten_values_of_each_step_in_order():
+    d = make_diffusion(T=3, loss_type="vlb", var_type="fixed_small", timestep_sampler="importance")
+    for value in range(1, 14):  # 13 values for t = 1, 2 for t = 0
+        d.update_loss_history(torch.tensor([1]), torch.tensor([float(value)], dtype=torch.float64))
+    d.update_loss_history(torch.tensor([0, 0]), torch.tensor([7.0, 8.0], dtype=torch.float64))
+    assert d.loss_history[1].tolist() == [float(v) for v in range(4, 14)]
+    assert d.loss_history[0, :2].tolist() == [7.0, 8.0] and d.loss_history_count.tolist() == [2, 10, 0]
