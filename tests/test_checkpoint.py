@@ -1,0 +1,185 @@
+"""Checkpoints on their own, without a training run: what a save writes, what a load gives back, what is pruned,
+and every way a folder can be refused, each with its one-line message. Tiny tensors: milliseconds per test."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from elbox.errors import UserError
+from elbox.train import checkpoint as ckpt
+from elbox.train.ema import EMA
+
+DESCRIPTION = {"kind": "ddpm", "config": {"timesteps": 10}, "data_shape": [1, 8, 8]}
+
+
+def save(run: Path, step: int, keep: int = 3, **over) -> Path:
+    model = {"w": torch.full((2, 3), float(step)), "b": torch.arange(3.0)}
+    args = dict(description=DESCRIPTION, model_state=model, ema_state={k: v + 0.5 for k, v in model.items()},
+                optimizer_state={"state": {0: {"exp_avg": torch.ones(2), "step": torch.tensor(float(step))}},
+                                 "param_groups": [{"lr": 0.1, "params": [0]}]},
+                rng={"0": {"torch": torch.get_rng_state()}}, extra={"loader": {"0": {"epoch": 1}}, "ema_updates": step},
+                keep=keep)
+    args.update(over)
+    return ckpt.save_checkpoint(run, step, **args)
+
+
+def test_a_saved_checkpoint_loads_back_exactly(tmp_path):
+    run = tmp_path / "run"
+    path = save(run, 7)
+    assert path == run / "checkpoints" / "step-0000007" and sorted(p.name for p in path.iterdir()) == [
+        "ema.safetensors", "manifest.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors"]
+    state = ckpt.load_checkpoint(run)
+    assert state.path == path and state.step == 7 and state.description == DESCRIPTION
+    assert torch.equal(state.model["w"], torch.full((2, 3), 7.0)) and torch.equal(state.ema["b"], torch.arange(3.0) + 0.5)
+    assert torch.equal(state.optimizer["state"][0]["exp_avg"], torch.ones(2))
+    assert state.optimizer["param_groups"] == [{"lr": 0.1, "params": [0]}]
+    assert torch.equal(state.rng["0"]["torch"], torch.get_rng_state())
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format"] == 1 and manifest["step"] == 7 and manifest["ema_updates"] == 7
+    assert manifest["loader"] == {"0": {"epoch": 1}}
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((path / name).read_bytes()).hexdigest() == digest == ckpt.sha256(path / name)
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary left
+    light = ckpt.load_checkpoint(path, with_training_state=False)
+    assert light.optimizer is None and light.rng is None and torch.equal(light.model["w"], state.model["w"])
+    without_ema = ckpt.load_checkpoint(save(tmp_path / "r2", 1, ema_state=None, optimizer_state=None))
+    assert without_ema.ema is None and without_ema.optimizer is None
+
+
+def test_only_the_newest_are_kept_in_numeric_order_and_a_saved_step_is_not_rewritten(tmp_path):
+    run = tmp_path / "run"
+    for step in (8, 9, 10, 100, 12_345_678):
+        save(run, step, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-0000100", "step-12345678"]
+    assert ckpt.latest_checkpoint(run).name == "step-12345678"
+    before = (run / "checkpoints" / "step-0000100" / "manifest.json").read_bytes()
+    assert save(run, 100, keep=2, model_state={"w": torch.zeros(1)}) == run / "checkpoints" / "step-0000100"
+    assert (run / "checkpoints" / "step-0000100" / "manifest.json").read_bytes() == before
+    # leftovers of an interrupted save or prune are neither checkpoints nor kept
+    (run / "checkpoints" / ".step-0000200.tmp99").mkdir()
+    (run / "checkpoints" / "step-0000300").mkdir()  # no manifest: not a checkpoint
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-0000100", "step-12345678"]
+    save(run, 12_345_679, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-12345679"]
+    assert not (run / "checkpoints" / ".step-0000200.tmp99").exists()
+    assert ckpt.list_checkpoints(tmp_path / "nothing") == [] and ckpt.latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_resolve_a_run_or_a_checkpoint_folder(tmp_path):
+    run = tmp_path / "run"
+    path = save(run, 3)
+    assert ckpt.resolve_checkpoint(run) == path == ckpt.resolve_checkpoint(path)
+    with pytest.raises(UserError, match=f"{tmp_path / 'missing'} does not exist; give a run folder"):
+        ckpt.resolve_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no checkpoint \\(expected .*step-NNNNNNN/manifest.json\\)"):
+        ckpt.resolve_checkpoint(tmp_path / "empty")
+
+
+def _damage(path: Path, how: str) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    if how == "no-manifest":
+        (path / "manifest.json").unlink()
+    elif how == "not-json":
+        (path / "manifest.json").write_text("{not json")
+    elif how == "no-files-key":
+        del manifest["files"]
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    elif how == "format":
+        manifest["format"] = 2
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    elif how == "edited":
+        manifest["step"] = 8
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    elif how == "file-missing":
+        (path / "ema.safetensors").unlink()
+    elif how == "file-changed":
+        data = bytearray((path / "model.safetensors").read_bytes())
+        data[-1] ^= 1
+        (path / "model.safetensors").write_bytes(bytes(data))
+    elif how == "not-safetensors":
+        (path / "model.safetensors").write_bytes(b"garbage")
+        manifest["files"]["model.safetensors"] = ckpt.sha256(path / "model.safetensors")
+        manifest["checksum"] = ckpt._manifest_checksum(manifest)
+        (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how,message", [
+    ("no-manifest", "is not an elbox checkpoint: manifest.json is missing"),
+    ("not-json", "is damaged (not the JSON elbox writes); refusing to load it"),
+    ("no-files-key", "is damaged (not the JSON elbox writes)"),
+    ("format", "checkpoint format 2 is not 1, the one this elbox reads"),
+    ("edited", "does not match its checksum (modified); refusing to load it"),
+    ("file-missing", "ema.safetensors is missing; the checkpoint is incomplete"),
+    ("file-changed", "model.safetensors does not match its checksum (truncated or modified); refusing to load it"),
+    ("not-safetensors", "model.safetensors cannot be read as safetensors"),
+])
+def test_every_damage_is_refused_in_one_line(tmp_path, how, message):
+    path = save(tmp_path / "run", 5)
+    _damage(path, how)
+    with pytest.raises(UserError) as e:
+        # a folder without its manifest is not taken for a checkpoint at all; its reader says why
+        ckpt.read_manifest(path) if how == "no-manifest" else ckpt.load_checkpoint(path)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_damaged_latest_checkpoint_names_the_one_before_it(tmp_path):
+    run = tmp_path / "run"
+    save(run, 1)
+    _damage(save(run, 2), "file-changed")
+    with pytest.raises(UserError, match=f"; delete it to go back to {run / 'checkpoints' / 'step-0000001'}$"):
+        ckpt.latest_checkpoint(run)
+    assert ckpt.latest_checkpoint(run, verify=False).name == "step-0000002"
+    ckpt.read_manifest(run / "checkpoints" / "step-0000002", verify=False)  # reading without checks still works
+
+
+def test_weights_of_another_model_are_refused_naming_the_first_difference():
+    module = torch.nn.Linear(3, 2)
+    good = {k: v.clone() for k, v in module.state_dict().items()}
+    ckpt.load_weights(module, good, Path("m.safetensors"))
+    for state, detail in [
+        ({"weight": good["weight"]}, "missing ['bias']"),
+        ({**good, "extra": torch.zeros(1)}, "unexpected ['extra']"),
+        ({**good, "weight": torch.zeros(3, 2)}, "weight is torch.float32 (3, 2), expected torch.float32 (2, 3)"),
+        ({**good, "bias": good["bias"].double()}, "bias is torch.float64 (2,), expected torch.float32 (2,)"),
+    ]:
+        with pytest.raises(UserError) as e:
+            ckpt.load_weights(module, state, Path("m.safetensors"))
+        assert str(e.value) == f"m.safetensors holds weights of a different model ({detail}); refusing to load it"
+
+
+def test_atomic_text_and_rng_states_round_trip(tmp_path):
+    target = tmp_path / "config.toml"
+    ckpt.write_text_atomic(target, "a = 1\n")
+    ckpt.write_text_atomic(target, "a = 2\n")
+    assert target.read_text() == "a = 2\n" and os.listdir(tmp_path) == ["config.toml"]
+    torch.manual_seed(3)
+    states = ckpt.rng_states(torch.device("cpu"))
+    assert set(states) == {"torch"}
+    expected = torch.rand(4)
+    torch.manual_seed(4)
+    ckpt.restore_rng_states(states, torch.device("cpu"))
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_the_ema_follows_its_formula_with_warm_up_and_copies_buffers():
+    """shadow <- d shadow + (1 - d) param with d = min(decay, (1 + n)/(10 + n)) at the n-th update."""
+    model = torch.nn.BatchNorm1d(2)  # a parameter and buffers
+    ema = EMA(model, 0.5)
+    assert ema.num_updates == 0 and not ema.model.training and not any(p.requires_grad for p in ema.model.parameters())
+    shadow = model.weight.detach().clone()
+    for n in range(1, 6):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+            model.running_mean.add_(2.0)
+        ema.update(model)
+        d = min(0.5, (1 + n) / (10 + n))
+        shadow = d * shadow + (1 - d) * model.weight.detach()
+        assert ema.num_updates == n
+        torch.testing.assert_close(ema.model.weight, shadow, rtol=1e-6, atol=1e-6)
+        assert torch.equal(ema.model.running_mean, model.running_mean)
+    assert not torch.equal(ema.model.weight, model.weight)
