@@ -8,9 +8,12 @@ non-equivalent mutants that were killed, as JSON lines and a table.
     python benchmarks/mutation.py              # run (hours on 2 cores; results are cached in mutants/), report
     python benchmarks/mutation.py --report     # only report the last run's results
     python benchmarks/mutation.py --survivors  # also print each surviving mutant's diff
+    python benchmarks/mutation.py --only 'elbox.samplers.*'   # (re)run some mutants, by name pattern
 
 Equivalent mutants (changes no test can see because the behaviour is the same) are listed, with the reason, in
-``benchmarks/mutation_equivalent.toml`` and left out of the denominator. A timeout counts as killed (the mutant
+``benchmarks/mutation_equivalent.toml`` and left out of the denominator; so are, in their own column, mutants
+that only a GPU ("cpu-only": a tensor's device) or several processes (torchrun) can tell apart, which
+tests/test_devices.py and tests/test_train_ddp.py check there. A timeout counts as killed (the mutant
 made a test hang, which a test run notices); "no tests" (no test reaches the function) counts as survived.
 
 Only the in-process tests take part (pyproject.toml ignores the end-to-end files that start ``python -m elbox``
@@ -37,12 +40,12 @@ KILLED = {1, 3, 36, 24, -24, 152, 255}  # mutmut's exit codes for killed and tim
 SURVIVED = {0, 5, 33}  # survived, no tests
 
 
-def run_mutmut(children: int) -> None:
+def run_mutmut(children: int, only: list[str]) -> None:
     # the folder must exist before Python starts: a PYTHONPATH entry missing at start-up is cached as "nothing here"
     (REPO / "mutants" / "src").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "mutants" / "src")}
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=REPO, env=env,
-                   check=False)
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *only], cwd=REPO,
+                   env=env, check=False)
 
 
 def load_results() -> dict[str, dict[str, int | None]]:
@@ -64,9 +67,11 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="do not run mutmut; report the cached results")
     ap.add_argument("--survivors", action="store_true", help="print the diff of every surviving mutant")
     ap.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
+    ap.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
+                    help="run only the mutants whose names match (fnmatch), e.g. 'elbox.samplers.*'")
     args = ap.parse_args()
     if not args.report:
-        run_mutmut(args.children)
+        run_mutmut(args.children, args.only)
     results = load_results()
     if not results:
         sys.exit("no mutation results in mutants/; run without --report first")
@@ -76,8 +81,9 @@ def main() -> None:
     for path, codes in results.items():
         count = Counter()
         for name, code in codes.items():
-            if name in equivalent:
-                count["equivalent"] += 1
+            if name in equivalent:  # "cpu-only"/"torchrun" reasons: tested elsewhere; the others: equivalent
+                elsewhere = equivalent[name].startswith(("cpu-only", "runs only under torchrun"))
+                count["elsewhere" if elsewhere else "equivalent"] += 1
             elif code in KILLED:
                 count["killed"] += 1
             elif code in SURVIVED:
@@ -93,16 +99,20 @@ def main() -> None:
     for row in rows:
         print(json.dumps(row))
     print()
-    print(f"{'file':44} {'mutants':>8} {'killed':>7} {'surv.':>6} {'equiv.':>6} {'unrun':>6} {'score':>7}")
+    print(f"{'file':44} {'mutants':>8} {'killed':>7} {'surv.':>6} {'equiv.':>6} {'GPU/DDP':>7} {'unrun':>6} "
+          f"{'score':>7}")
     total = Counter()
     for row in rows:
         score = "-" if row["score"] is None else f"{100 * row['score']:.1f}%"
         print(f"{row['file']:44} {row['mutants']:8} {row.get('killed', 0):7} {row.get('survived', 0):6} "
-              f"{row.get('equivalent', 0):6} {row.get('not checked', 0):6} {score:>7}")
-        total.update({k: row.get(k, 0) for k in ("mutants", "killed", "survived", "equivalent", "not checked")})
+              f"{row.get('equivalent', 0):6} {row.get('elsewhere', 0):7} {row.get('not checked', 0):6} {score:>7}")
+        total.update({k: row.get(k, 0) for k in ("mutants", "killed", "survived", "equivalent", "elsewhere",
+                                                 "not checked")})
     counted = total["killed"] + total["survived"]
     print(f"{'all':44} {total['mutants']:8} {total['killed']:7} {total['survived']:6} {total['equivalent']:6} "
-          f"{total['not checked']:6} {100 * total['killed'] / max(counted, 1):6.1f}%")
+          f"{total['elsewhere']:7} {total['not checked']:6} {100 * total['killed'] / max(counted, 1):6.1f}%")
+    print("\nscore = killed / (killed + survived); equivalent mutants and those only a GPU or torchrun can tell apart "
+          f"(listed with reasons in {EQUIVALENT.name}) are left out; unrun: not yet tested")
     stale = sorted(set(equivalent) - {n for codes in results.values() for n in codes})
     if stale:
         print(f"\n{len(stale)} entries of {EQUIVALENT.name} name no current mutant (the code moved): {stale[:5]}")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from elbox.data import load_dataset, to_model
+from elbox.errors import UserError
 from elbox.objectives import draws
 from elbox.objectives.ddpm import DDPM, DDPMConfig
 from elbox.objectives.diffusion import GaussianDiffusion
@@ -228,3 +229,29 @@ def test_the_ddpm_decoder_term_is_the_discretized_likelihood_at_the_reverse_step
     lower = torch.where(x < -0.999, torch.zeros_like(x), _normal_cdf((x - 1 / 255 - out["mean"]) / s))
     expected = -torch.log(upper - lower).flatten(1).sum(1)
     assert torch.allclose(l_0, expected, rtol=1e-6)
+
+
+def test_bound_terms_for_one_and_two_steps():
+    """T = 1: the bound is L_0 + L_T, no KL columns; T = 2: one KL column (L_1)."""
+    x = digits(2)
+    one = ddpm(timesteps=1, loss="vlb").bound(x, generator=torch.Generator().manual_seed(0))
+    assert set(one.terms) == {"decoder_nll", "prior"}
+    two = ddpm(timesteps=2, loss="vlb").bound(x, generator=torch.Generator().manual_seed(0))
+    assert set(two.terms) == {"decoder_nll", "kl", "prior"} and two.terms["kl"].shape == (2, 1)
+
+
+def test_sample_defaults_progress_and_messages():
+    model = ddpm(timesteps=6)
+    model.net = FixedOutput((2, 2, 8, 8)).double()
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    default = model.sample(2, generator=gen(), sampler="ddim", steps=3)
+    torch.testing.assert_close(default, model.sample(2, generator=gen(), sampler="ddim", steps=3, eta=0.0),
+                               rtol=0, atol=0)  # DDIM's default eta is 0: deterministic
+    for sampler, steps, calls in (("ancestral", None, 6), ("ddim", 3, 3)):
+        seen = []
+        model.sample(2, generator=gen(), sampler=sampler, steps=steps, progress=lambda k, n: seen.append((k, n)))
+        assert seen == [(k, calls) for k in range(1, calls + 1)], sampler
+    with pytest.raises(UserError, match="ancestral sampling runs all T=6 steps; use --sampler ddim for steps=3"):
+        model.sample(2, sampler="ancestral", steps=3)
+    with pytest.raises(UserError, match="unknown sampler 'euler'; choose ancestral or ddim"):
+        model.sample(2, sampler="euler")

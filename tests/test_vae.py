@@ -295,6 +295,9 @@ def test_iwae_in_chunks_is_log_mean_exp_of_the_importance_weights_and_chunk_must
     ])
     expected = torch.logsumexp(log_w, 0) - math.log(7)
     torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-10, atol=1e-10)
+    torch.manual_seed(5)
+    one_at_a_time = vae.iwae_bound(x, 2, chunk=1)  # the smallest chunk is allowed
+    assert one_at_a_time.shape == (3,) and torch.isfinite(one_at_a_time).all()
     for bad in (0, -2):
         with pytest.raises(UserError, match=f"chunk must be >= 1; got {bad}"):
             vae.iwae_bound(x, 7, chunk=bad)
@@ -445,14 +448,32 @@ def test_grid_and_interpolation_sizes_are_checked_in_one_line():
 def test_manifold_and_interpolation_run_in_float64_and_seed_an_autoregressive_decoder(latent_dim):
     torch.manual_seed(0)
     vae = VAE(VAEConfig(**{**SMALL, "latent_dim": latent_dim}, ar_kernel=3, ar_channels=4), (1, 4, 4)).double()
+    with torch.no_grad():  # the context starts at zero; give it weight, so that the drawn pixels matter
+        for p in vae.context.parameters():
+            p.add_(torch.randn_like(p))
     grids = []
     for global_seed in (1, 2):  # the global RNG moves between the calls; the generator alone decides the draw
         torch.manual_seed(global_seed)
         grids.append(vae.manifold(2, generator=torch.Generator().manual_seed(9)))
     assert grids[0].dtype == torch.float64 and grids[0].shape == (4, 1, 4, 4)
     torch.testing.assert_close(grids[0], grids[1], rtol=0, atol=0)
+    other = vae.manifold(2, generator=torch.Generator().manual_seed(10))
+    assert not torch.equal(other, grids[0])  # the draws do matter
     x = torch.rand(3, 1, 4, 4, dtype=torch.float64).round()
-    assert vae.interpolate(x, x.flip(0), 3).dtype == torch.float64
+    vae_plain = VAE(VAEConfig(**{**SMALL, "latent_dim": latent_dim}), (1, 4, 4)).double()
+    path = vae_plain.interpolate(x, x.flip(0), 4)
+    assert path.dtype == torch.float64
+    m1, m2 = vae_plain.encode(x)[0], vae_plain.encode(x.flip(0))[0]
+    third = vae_plain.decode(m1 * (2 / 3) + m2 * (1 / 3))  # t = 1/3, in float64 throughout
+    torch.testing.assert_close(path[:, 1], third, rtol=1e-12, atol=1e-12)
+    # the grid's quantiles in float64 too: (i + 1/2)/n through the inverse normal CDF
+    q = torch.special.ndtri((torch.arange(3, dtype=torch.float64) + 0.5) / 3)
+    z = torch.zeros(9, latent_dim, dtype=torch.float64)
+    if latent_dim == 1:
+        z[:, 0] = torch.special.ndtri((torch.arange(9, dtype=torch.float64) + 0.5) / 9)
+    else:
+        z[:, 0], z[:, 1] = q.repeat(3), -q.repeat_interleave(3)
+    torch.testing.assert_close(vae_plain.manifold(3), vae_plain.decode(z), rtol=1e-12, atol=1e-12)
 
 
 def test_decoded_images_are_clamped_to_the_data_range_and_bad_shapes_are_refused():
