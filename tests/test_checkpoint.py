@@ -4,6 +4,7 @@ and every way a folder can be refused, each with its one-line message. Tiny tens
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,14 @@ def test_weights_of_another_model_are_refused_naming_the_first_difference():
         with pytest.raises(UserError) as e:
             ckpt.load_weights(module, state, Path("m.safetensors"))
         assert str(e.value) == f"m.safetensors holds weights of a different model ({detail}); refusing to load it"
+    bigger = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))  # four tensors: three are named
+    for state, detail in [({}, "missing ['0.weight', '0.bias', '1.weight']"),
+                          ({**bigger.state_dict(), **{f"x{i}": torch.zeros(1) for i in range(4)}},
+                           "unexpected ['x0', 'x1', 'x2']"),
+                          ({k: v.double() for k, v in bigger.state_dict().items()},
+                           "0.weight is torch.float64 (2, 2), expected torch.float32 (2, 2)")]:
+        with pytest.raises(UserError, match=f"holds weights of a different model \\({re.escape(detail)}\\)"):
+            ckpt.load_weights(bigger, state, Path("m.safetensors"))
 
 
 def test_atomic_text_and_rng_states_round_trip(tmp_path):

@@ -255,3 +255,22 @@ def test_sample_defaults_progress_and_messages():
         model.sample(2, sampler="ancestral", steps=3)
     with pytest.raises(UserError, match="unknown sampler 'euler'; choose ancestral or ddim"):
         model.sample(2, sampler="euler")
+
+
+def test_sample_follows_the_models_clipping_setting():
+    """Images clip the predicted x_0 to [-1, 1] by default; with clipping off the samplers get clip_denoised=False."""
+    from elbox.samplers import ancestral_sample, ddim_sample
+
+    model = ddpm(timesteps=5)
+    model.net = FixedOutput((2, 2, 8, 8)).double()
+    model.net.out.data *= 20  # predictions far outside [-1, 1]: clipping shows
+    shape, gen = (2, 1, 8, 8), lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    for clip in (True, False):
+        model.clip_denoised = clip
+        for sampler, fn, kw in (("ancestral", ancestral_sample, {}), ("ddim", ddim_sample, {"steps": 3})):
+            expected = fn(model.diffusion, model.net, shape, generator=gen(), dtype=torch.float64,
+                          clip_denoised=clip, **kw)
+            got = model.sample(2, generator=gen(), sampler=sampler, **kw)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.allclose(model.sample(2, generator=gen()), ancestral_sample(
+        model.diffusion, model.net, shape, generator=gen(), dtype=torch.float64, clip_denoised=True))
