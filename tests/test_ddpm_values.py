@@ -274,3 +274,23 @@ def test_sample_follows_the_models_clipping_setting():
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.allclose(model.sample(2, generator=gen()), ancestral_sample(
         model.diffusion, model.net, shape, generator=gen(), dtype=torch.float64, clip_denoised=True))
+
+
+def test_the_vlb_loss_trains_mean_and_variance_through_one_network_pass():
+    """loss='vlb': the gradient w.r.t. the whole network output is T dL_t/d(output) / (D ln 2), and the network
+    runs once per call (the bound reuses the training pass's output)."""
+    T, x = 10, digits(3)
+    model = ddpm(timesteps=T, loss="vlb")
+    model.net = FixedOutput((3, 2, 8, 8)).double()
+    calls = []
+    model.net.register_forward_hook(lambda *args: calls.append(1))
+    terms = seeded_losses(model, x, seed=4)
+    assert len(calls) == 1
+    terms.loss.sum().backward()
+    t, _, noise = seeded_draws(model, x, seed=4)
+    out = model.net.out.detach().clone().requires_grad_()
+    d = model.diffusion
+    l_t, _ = d.vlb_terms(model.net, x, d.q_sample(x, t, noise), t, model_output=out)
+    (T * l_t / (D * math.log(2))).sum().backward()
+    assert out.grad[:, :1].abs().max() > 0 and out.grad[:, 1:].abs().max() > 0
+    torch.testing.assert_close(model.net.out.grad, out.grad, rtol=1e-9, atol=1e-15)
