@@ -294,3 +294,15 @@ def test_the_vlb_loss_trains_mean_and_variance_through_one_network_pass():
     (T * l_t / (D * math.log(2))).sum().backward()
     assert out.grad[:, :1].abs().max() > 0 and out.grad[:, 1:].abs().max() > 0
     torch.testing.assert_close(model.net.out.grad, out.grad, rtol=1e-9, atol=1e-15)
+
+
+def test_importance_sampling_records_each_training_terms_loss():
+    """With timestep_sampler='importance', every training call records L_t of each drawn t (N&D sec. 3.3), so the
+    history fills up and the sampler switches from uniform to importance sampling."""
+    model = ddpm(timesteps=4, loss="vlb", timestep_sampler="importance")
+    x = digits(8)
+    for seed in range(40):
+        seeded_losses(model, x, seed)
+    d = model.diffusion
+    assert int(d.loss_history_count.sum()) == min(4 * 10, 40 * 8) and bool((d.loss_history_count == 10).all())
+    assert bool((d.loss_history > 0).all())

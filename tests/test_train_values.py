@@ -278,6 +278,7 @@ def test_optimizer_state_round_trips_through_tensors_and_json():
     state["state"][1]["a/b"] = torch.tensor([1.0, 2.0])  # a tensor whose key holds a '/'
     state["state"][0]["count/x"] = 7  # a plain number, as some optimizers keep
     state["state"][1]["flag"] = True
+    state["state"][5] = {"n_iter": 3}  # a parameter whose state holds numbers only
     tensors, meta = ckpt.optimizer_to_flat(state)
     assert all(torch.is_tensor(v) for v in tensors.values())
     import json
