@@ -57,8 +57,6 @@ from elbox.objectives.terms import Terms
 from elbox.train import checkpoint as ckpt
 from elbox.train.distributed import DistInfo, any_rank, from_main, gather, mean_over_ranks, setup, teardown
 from elbox.train.ema import EMA
-# Mutation testing (issue 9) covers the training step (train_step and the helpers it calls); the set-up, the loop's
-# bookkeeping and resume are marked "no mutate block" and are checked by the end-to-end tests instead.
 from elbox.train.outputs import (METRICS, MetricsLog, RunFolder, heldout_bound, plot_loss_curve, progress_bar,
                                  write_reconstructions, write_samples)
 
@@ -259,6 +257,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
         teardown()
 
 
+# Mutation testing (issue 9) covers the training step (train_step and the helpers it calls); the set-up, the loop's
+# bookkeeping and resume are marked "no mutate block" and are checked by the end-to-end tests instead.
 @dataclass
 class StepOutcome:
     """What one optimizer step leaves for the loop: its terms (one ``Terms`` per micro-batch), the learning rate
