@@ -61,6 +61,14 @@ def setup(device: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+def wait_for_all(info: DistInfo) -> None:
+    """A barrier: every rank waits until all have arrived. At the end of a run, rank 0 still writes samples and the
+    held-out bound while the others are done; a rank that tore its process group down meanwhile could abort in
+    gloo's threads ("terminate called without an active exception"), so the ranks leave together."""
+    if info.enabled:
+        dist.barrier()
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -55,7 +55,8 @@ from elbox.objectives import draws
 from elbox.objectives.base import ELBOModel
 from elbox.objectives.terms import Terms
 from elbox.train import checkpoint as ckpt
-from elbox.train.distributed import DistInfo, any_rank, from_main, gather, mean_over_ranks, setup, teardown
+from elbox.train.distributed import (DistInfo, any_rank, from_main, gather, mean_over_ranks, setup, teardown,
+                                    wait_for_all)
 from elbox.train.ema import EMA
 from elbox.train.outputs import (METRICS, MetricsLog, RunFolder, heldout_bound, plot_loss_curve, progress_bar,
                                  write_reconstructions, write_samples)
@@ -237,6 +238,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
                 write_reconstructions(ema.model if ema else model, cfg.data, out / "reconstructions.png", t)
                 if t.final_eval_examples > 0:
                     heldout = heldout_bound(ema.model if ema else model, cfg, t.final_eval_examples, info.device)
+        wait_for_all(info)  # rank 0's last outputs take a while: the ranks leave together
         return TrainResult(run_dir=out, step=step, checkpoint=last_ckpt, samples=samples_path, seconds=seconds,
                            images_per_second=images_seen / max(seconds, 1e-9),
                            heldout_bpd=heldout.bpd if heldout else None,
