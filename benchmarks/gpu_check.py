@@ -93,7 +93,7 @@ def stage_correct(args) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     out = {}
     torch.manual_seed(0)
-    ddpm = DDPM(DDPMConfig(net="tiny", timesteps=200), (1, 8, 8))
+    ddpm = DDPM(DDPMConfig(data_kind="8bit", net="tiny", timesteps=200), (1, 8, 8))
     for p in ddpm.parameters():  # non-trivial weights: a fresh U-Net's zero-initialised output layer hides errors
         p.data.add_(0.05 * torch.randn_like(p))
     x = torch.rand(16, 1, 8, 8) * 2 - 1

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-
 # Tests are CPU-only and deterministic; keep torch from oversubscribing the 2 cores of CI.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

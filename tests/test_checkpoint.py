@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from elbox import checkpoint as ckpt
 from elbox.errors import UserError
-from elbox.train import checkpoint as ckpt
-from elbox.train.ema import EMA
+from elbox.training.ema import EMA
 
 DESCRIPTION = {"kind": "ddpm", "config": {"timesteps": 10}, "data_shape": [1, 8, 8]}
 

@@ -17,8 +17,8 @@ from elbox.data import (
     known_names,
     load_dataset,
     to_model,
+    toy2d,
 )
-from elbox.data import toy2d
 from elbox.errors import UserError
 
 

@@ -125,7 +125,7 @@ def test_vlb_with_the_optimal_denoiser_is_the_true_nll_and_never_below():
     bound may never be below the true NLL (beyond Monte-Carlo error of the single-x_t-per-step estimate)."""
     torch.manual_seed(3)
     D, mu, s, n = 2, 0.3, 0.7, 400
-    model = DDPM(DDPMConfig(net="mlp", var_type="learned", loss="hybrid"), (D,)).double()
+    model = DDPM(DDPMConfig(data_kind="continuous", net="mlp", var_type="learned", loss="hybrid"), (D,)).double()
     model.net = GaussianOracle(model.diffusion, mu, s)
     x0 = mu + s * torch.randn(n, D, dtype=torch.float64)
     terms = model.bound(x0, generator=torch.Generator().manual_seed(0))
@@ -139,7 +139,7 @@ def test_vlb_with_the_optimal_denoiser_is_the_true_nll_and_never_below():
 
 def test_a_worse_denoiser_gives_a_larger_bound():
     torch.manual_seed(4)
-    model = DDPM(DDPMConfig(net="mlp"), (2,)).double()
+    model = DDPM(DDPMConfig(data_kind="continuous", net="mlp"), (2,)).double()
     model.net = GaussianOracle(model.diffusion, 0.3, 0.7)
     x0 = 0.3 + 0.7 * torch.randn(200, 2, dtype=torch.float64)
     good = model.bound(x0, generator=torch.Generator().manual_seed(0)).nll.mean()
@@ -223,13 +223,13 @@ def test_parameterisations_agree_on_x0(mean_type):
 ])
 def test_impossible_settings_are_one_line_user_errors(kwargs, fragment):
     with pytest.raises(UserError) as e:
-        DDPM(DDPMConfig(net="micro", **kwargs), (1, 8, 8))
+        DDPM(DDPMConfig(data_kind="8bit", net="micro", **kwargs), (1, 8, 8))
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
 def test_image_size_not_divisible_by_the_unet_downsampling():
     with pytest.raises(UserError, match="not divisible"):
-        DDPM(DDPMConfig(net="small"), (1, 30, 30))
+        DDPM(DDPMConfig(data_kind="8bit", net="small"), (1, 30, 30))
 
 
 def test_importance_sampling_uses_the_loss_history():

@@ -26,13 +26,13 @@ def _train(config: DDPMConfig, steps: int = 60, model: DDPM | None = None) -> li
 
 
 def test_a_few_steps_of_the_simple_loss_lower_it():
-    losses = _train(DDPMConfig(net="micro", timesteps=100, loss="simple", var_type="fixed_large"))
+    losses = _train(DDPMConfig(data_kind="8bit", net="micro", timesteps=100, loss="simple", var_type="fixed_large"))
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.7 * first, (first, last)
 
 
 def test_a_few_steps_of_the_hybrid_loss_lower_it_and_change_every_parameter():
-    config = DDPMConfig(net="micro", timesteps=100)
+    config = DDPMConfig(data_kind="8bit", net="micro", timesteps=100)
     model = DDPM(config, (1, 8, 8))
     before = {k: v.clone() for k, v in model.named_parameters()}
     losses = _train(config, model=model)
@@ -42,7 +42,7 @@ def test_a_few_steps_of_the_hybrid_loss_lower_it_and_change_every_parameter():
 
 
 def test_the_initial_weights_are_a_function_of_the_seed():
-    config = DDPMConfig(net="micro", timesteps=100)
+    config = DDPMConfig(data_kind="8bit", net="micro", timesteps=100)
     weights = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)
@@ -53,7 +53,7 @@ def test_the_initial_weights_are_a_function_of_the_seed():
 
 def test_the_bound_is_in_nats_and_bits_per_dim_is_its_reduction():
     torch.manual_seed(0)
-    model = DDPM(DDPMConfig(net="micro", timesteps=10), (1, 8, 8))
+    model = DDPM(DDPMConfig(data_kind="8bit", net="micro", timesteps=10), (1, 8, 8))
     x = to_model(load_dataset("digits", "test").data[:4], "symmetric")
     terms = model.bound(x, generator=torch.Generator().manual_seed(0))
     assert terms.terms["kl"].shape == (4, 9) and terms.terms["decoder_nll"].shape == (4,)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from elbox import draws
 from elbox.data import load_dataset, to_model
 from elbox.errors import UserError
-from elbox.objectives import draws
 from elbox.objectives.ddpm import DDPM, DDPMConfig
 from elbox.objectives.diffusion import GaussianDiffusion
 from elbox.objectives.gaussian import discretized_gaussian_log_likelihood
@@ -39,13 +39,13 @@ def digits(n: int) -> torch.Tensor:
 
 
 def ddpm(**kw) -> DDPM:
-    return DDPM(DDPMConfig(net="micro", **kw), (1, 8, 8)).double()
+    return DDPM(DDPMConfig(data_kind="8bit", net="micro", **kw), (1, 8, 8)).double()
 
 
 def seeded_losses(model: DDPM, x: torch.Tensor, seed: int):
     """model.losses(x) with its t and noise drawn from ``seed``; the same seed gives the same draws again."""
     with draws.global_batch(seed, torch.arange(len(x)), len(x)):
-        return model.losses(x)
+        return model.losses(x, step=0)
 
 
 def seeded_draws(model: DDPM, x: torch.Tensor, seed: int):
@@ -144,7 +144,7 @@ def test_the_training_terms_are_an_unbiased_estimate_of_the_full_bound():
             p.add_(0.05 * torch.randn_like(p))  # the U-Net's last layer starts at zero: make the test generic
     x = digits(3)
     with torch.no_grad():
-        terms = model.losses(x.repeat(reps, 1, 1, 1))
+        terms = model.losses(x.repeat(reps, 1, 1, 1), step=0)
         est = terms.nll.view(reps, 3)
         full = torch.stack([model.bound(x, generator=torch.Generator().manual_seed(s)).nll for s in range(10)])
     mean, se = est.mean(0), est.std(0) / math.sqrt(reps)

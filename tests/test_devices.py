@@ -8,9 +8,9 @@ suite on the lent GPU. On the CPU, ``test_seeded_draws_repeat_at_any_precision_.
 import pytest
 import torch
 
+from elbox.draws import rand_from, randn_from
 from elbox.objectives.ddpm import DDPM, DDPMConfig
 from elbox.objectives.decoders import DECODERS
-from elbox.objectives.draws import rand_from, randn_from
 from elbox.objectives.vae import VAE, VAEConfig
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -51,7 +51,7 @@ def test_vae_samples_are_the_same_on_cpu_and_gpu(decoder, exact_fp32):
 @pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
 def test_ddpm_samples_and_bound_are_the_same_on_cpu_and_gpu(sampler, exact_fp32):
     torch.manual_seed(0)
-    ddpm = DDPM(DDPMConfig(net="micro", timesteps=50), (1, 8, 8))
+    ddpm = DDPM(DDPMConfig(data_kind="8bit", net="micro", timesteps=50), (1, 8, 8))
     for p in ddpm.parameters():  # a fresh U-Net's zero-initialised output layer would hide differences
         p.data.add_(0.05 * torch.randn_like(p))
     x = torch.round(torch.rand(8, 1, 8, 8) * 255) / 127.5 - 1

@@ -1,11 +1,11 @@
-"""Where the random numbers come from (``elbox.objectives.draws``): outside a trainer, the global torch RNG; inside
+"""Where the random numbers come from (``elbox.draws``): outside a trainer, the global torch RNG; inside
 ``global_batch``, a draw for the whole global batch from a seeded stream, of which each micro-batch keeps its rows;
 through a generator, the same numbers on any device and at any precision."""
 
 import pytest
 import torch
 
-from elbox.objectives import draws
+from elbox import draws
 
 TOTAL = 6
 LIKE = torch.zeros(TOTAL, 3, dtype=torch.float64)

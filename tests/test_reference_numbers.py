@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from elbox import draws
 from elbox.data import load_dataset, to_model
-from elbox.objectives import draws
 from elbox.objectives.ddpm import DDPM, DDPMConfig
 from elbox.objectives.vae import VAE, VAEConfig
 
@@ -66,7 +66,7 @@ def _losses(model, x: torch.Tensor, step: int = 3) -> dict[str, list[float]]:
 
 def ddpm_numbers(name: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = _perturbed(DDPM(DDPMConfig(net="micro", timesteps=10, **DDPM_VARIANTS[name]), (1, 8, 8)))
+    model = _perturbed(DDPM(DDPMConfig(data_kind="8bit", net="micro", timesteps=10, **DDPM_VARIANTS[name]), (1, 8, 8)))
     x = _digits(3, "symmetric")
     if model.config.timestep_sampler == "importance":  # a full loss history, so importance sampling is used
         for t in range(10):
@@ -86,8 +86,9 @@ def vae_numbers(name: str) -> dict[str, torch.Tensor]:
     model = _perturbed(VAE(VAEConfig(**VAE_VARIANTS[name]), (1, 8, 8)))
     x = _digits(3, model.data_range)
     out = _losses(model, x)
-    torch.manual_seed(0)
-    out["iwae/k=7"] = model.iwae_bound(x, 7, chunk=3).detach()
+    out["iwae/k=7"] = model.iwae_bound(x, 7, chunk=3, generator=torch.Generator().manual_seed(0)).detach()
+    bound = model.bound(x, generator=torch.Generator().manual_seed(0))
+    out.update({f"bound/{k}": v.detach() for k, v in bound.totals().items()})
     gen = torch.Generator().manual_seed(0)
     out["sample/prior"] = model.sample(2, generator=gen).flatten()[::7]
     out["reconstruct"] = model.reconstruct(x).flatten()[::11]

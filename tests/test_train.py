@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 import elbox
+from elbox import checkpoint as ckpt
 from elbox.cli import main
 from elbox.config import MODELS, DataConfig, RunConfig, TrainConfig
 from elbox.errors import UserError
 from elbox.objectives.ddpm import DDPM, DDPMConfig
-from elbox.train import checkpoint as ckpt
-from elbox.train.loop import train
-from elbox.train.outputs import heldout_bound, write_samples
+from elbox.training.loop import train
+from elbox.training.outputs import heldout_bound, write_samples
 
 TINY = ["--net", "micro", "--timesteps", "20", "--batch-size", "16", "--num-samples", "4", "--quiet"]
 # Bit-exact guarantees are the CPU's: on a GPU, cuDNN/cuBLAS kernels (and TF32) are not bitwise reproducible, and

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 import elbox
+from elbox import checkpoint as ckpt
 from elbox.cli import main
-from elbox.train import checkpoint as ckpt
 
 TINY = ["--net", "micro", "--timesteps", "20", "--batch-size", "16", "--num-samples", "4", "--quiet"]
 

@@ -1,6 +1,6 @@
 """The training engine's numbers, checked against formulas computed here, not just "training still works".
 
-Each test guards one mechanism of ``elbox.train.loop.train_step`` / ``train`` that a silent bug could break while
+Each test guards one mechanism of ``elbox.training.loop.train_step`` / ``train`` that a silent bug could break while
 the loss still goes down:
 
 - the EMA follows shadow <- d shadow + (1 - d) param, d = min(decay, (1 + n) / (10 + n)), step by step;
@@ -24,15 +24,16 @@ import torch
 from safetensors.torch import load_file
 
 import elbox
+from elbox import checkpoint as ckpt
+from elbox import draws
 from elbox.config import DataConfig, RunConfig, TrainConfig
 from elbox.data import load_dataset, to_model
 from elbox.data.dataset import derive_seed
-from elbox.objectives import draws
 from elbox.objectives.ddpm import DDPMConfig
 from elbox.objectives.vae import VAEConfig
-from elbox.train import checkpoint as ckpt
-from elbox.train.distributed import DistInfo
-from elbox.train.loop import _LossModule, _micro_rows, build_model, train, train_step
+from elbox.training.distributed import DistInfo
+from elbox.training.loop import train, train_step
+from elbox.training.session import LossModule, build_model, micro_rows, resolve
 
 ONE_CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 BATCH = 16
@@ -56,7 +57,7 @@ def digits_batch() -> torch.Tensor:
 def initial_model(cfg: RunConfig):
     """The model as ``train`` builds it before its first step."""
     torch.manual_seed(cfg.train.seed)
-    return build_model(cfg, (1, 8, 8))
+    return build_model(resolve(cfg, "8bit"), (1, 8, 8))
 
 
 def fresh_model(cfg: RunConfig):
@@ -76,10 +77,10 @@ def sgd_step(cfg: RunConfig, model, batch: torch.Tensor, step: int = 0):
     every parameter, flattened into one vector, and the step's outcome."""
     t = cfg.train
     before = flat(model.parameters()).clone()
-    outcome = train_step(step, batch, t=t, model=model, loss_module=_LossModule(model),
+    outcome = train_step(step, batch, t=t, model=model, loss_module=LossModule(model),
                          optimizer=torch.optim.SGD(model.parameters(), lr=t.lr),
                          scaler=torch.amp.GradScaler("cpu", enabled=False), ema=None, info=ONE_CPU,
-                         micro_rows=_micro_rows(t, ONE_CPU), stop_received=False)
+                         micro_rows=micro_rows(t, ONE_CPU), stop_received=False)
     return flat(model.parameters()) - before, outcome
 
 

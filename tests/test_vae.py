@@ -272,23 +272,25 @@ def test_beta_and_warmup_change_only_the_loss():
     bound = warm.bound(x)
     torch.testing.assert_close(bound.loss, bound.nll)  # the bound is the ELBO, whatever beta
     torch.manual_seed(1)
-    torch.testing.assert_close(warm.losses(x).loss, t.terms["decoder_nll"])  # by default, step 0: weight 0
+    torch.testing.assert_close(warm.losses(x, step=0).loss, t.terms["decoder_nll"])  # at step 0: weight 0
     one = VAE(VAEConfig(kl_warmup_steps=1, **SMALL), (1, 8, 8))
     assert [one.kl_weight(s) for s in (0, 1, 2)] == [0.0, 1.0, 1.0]  # a one-step warm-up still starts at 0
 
 
 def test_iwae_in_chunks_is_log_mean_exp_of_the_importance_weights_and_chunk_must_be_positive():
     """log 1/K sum_k p(x|z_k) N(z_k; 0, I) / q(z_k|x) (Burda et al. eq. 8) computed here with torch.distributions
-    from the same draws (K = 7 in chunks of 3, 3 and 1: eps of shape (chunk, B, L) from the global RNG)."""
+    from the same draws (K = 7 in chunks of 3, 3 and 1: eps of shape (chunk, B, L) from the generator it is given,
+    drawn in float32 as every seeded draw of elbox is). The global RNG is not touched."""
     torch.manual_seed(0)
     vae = VAE(VAEConfig(**SMALL), (1, 8, 8)).double()
     x = (torch.rand(3, 1, 8, 8) > 0.5).double()
-    torch.manual_seed(5)
-    got = vae.iwae_bound(x, 7, chunk=3)
+    global_state = torch.get_rng_state()
+    got = vae.iwae_bound(x, 7, chunk=3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), global_state)
     mu, logvar = vae.encode(x)
     q = Normal(mu, torch.exp(0.5 * logvar))
-    torch.manual_seed(5)
-    eps = torch.cat([torch.randn((c, 3, 8), dtype=torch.float64) for c in (3, 3, 1)])
+    g = torch.Generator().manual_seed(5)
+    eps = torch.cat([torch.randn((c, 3, 8), generator=g).double() for c in (3, 3, 1)])
     z = mu + torch.exp(0.5 * logvar) * eps
     log_w = torch.stack([
         vae.log_px_given_z(x, z_k) + Normal(0.0, 1.0).log_prob(z_k).sum(1) - q.log_prob(z_k).sum(1) for z_k in z
@@ -330,7 +332,7 @@ def test_conv_networks_take_any_image_size(shape):
 def test_vector_data_and_learned_sigma_get_gradients():
     vae = VAE(VAEConfig(decoder="gaussian", sigma_mode="learned", decoder_sigma=0.5, **SMALL), (5,))
     x = torch.rand(7, 5)
-    vae.losses(x).loss.mean().backward()
+    vae.losses(x, step=0).loss.mean().backward()
     assert vae.likelihood.log_sigma.grad is not None and vae.likelihood.log_sigma.grad.abs() > 0
     assert vae.iwae_bound(x, 3).shape == (7,)
 
@@ -384,7 +386,7 @@ def test_bad_data_and_k_raise_one_line_user_errors():
     vae = VAE(VAEConfig(**SMALL), (1, 8, 8))
     for bad in (torch.full((2, 1, 8, 8), 2.0), torch.full((2, 1, 8, 8), -0.5)):
         with pytest.raises(UserError, match=r"bernoulli decoder models data in \[0, 1\].*got values in"):
-            vae.losses(bad)
+            vae.losses(bad, step=0)
     x = torch.rand(2, 1, 8, 8)
     for k in (0, -5):
         with pytest.raises(UserError, match=f"importance samples k must be an integer >= 1; got {k}"):

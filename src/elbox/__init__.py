@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "elbox.api",
     "evaluate": "elbox.api",
-    "train": "elbox.train.loop",
+    "train": "elbox.training.loop",
     "RunConfig": "elbox.config",
     "DataConfig": "elbox.config",
     "TrainConfig": "elbox.config",

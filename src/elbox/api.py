@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
+from elbox import checkpoint as ckpt
 from elbox.config import DataConfig, EvaluateConfig, SampleConfig, model_from_description
 from elbox.data import from_model, to_model
+from elbox.devices import resolve_device
 from elbox.errors import UserError
-from elbox.evaluate import Evaluation, evaluate_bound, evaluate_iwae
+from elbox.metrics.likelihood import Evaluation, evaluate_bound, evaluate_iwae
 from elbox.objectives.base import ELBOModel
-from elbox.train import checkpoint as ckpt
-from elbox.train.distributed import resolve_device
 from elbox.viz import image_grid, save_png, scatter_plot
 
 
@@ -48,26 +48,48 @@ def _unused_path(path: Path) -> Path:
     raise UserError(f"too many files named like {path}; choose --out")
 
 
+#: SampleConfig's fields that are sampler options, by the name ``ELBOModel.sample`` takes them under
+SAMPLER_OPTIONS = {"sampler": "sampler", "sampling_steps": "steps", "eta": "eta"}
+
+
+def sampler_options(model: ELBOModel, cfg: SampleConfig) -> dict[str, object]:
+    """The sampler options of ``cfg`` that ``model`` takes; one set to a non-default value that it does not take is
+    an error (``--sampler ddim`` for a VAE, say), not silently ignored."""
+    defaults = SampleConfig()
+    options = {}
+    for field_name, option in SAMPLER_OPTIONS.items():
+        value = getattr(cfg, field_name)
+        if option in model.sampler_options:
+            options[option] = value
+        elif value != getattr(defaults, field_name):
+            flag = "--" + field_name.replace("_", "-")
+            raise UserError(f"{flag} {value} does not apply to a {model.kind}: it takes "
+                            f"{', '.join(model.sampler_options) or 'no sampler options'}")
+    return options
+
+
 def draw(model: ELBOModel, cfg: SampleConfig) -> torch.Tensor:
-    """Samples in the model's data range, following ``cfg`` (prior samples, or a VAE's other modes)."""
+    """Samples in the model's data range, following ``cfg`` (prior samples, or the other modes a model has)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.num < 1:
         raise UserError(f"--num {cfg.num} is not allowed; draw at least 1 sample")
+    if cfg.mode not in model.sample_modes:
+        raise UserError(f"--mode {cfg.mode} is not something a {model.kind} draws; choose one of "
+                        f"{', '.join(model.sample_modes)}")
+    options = sampler_options(model, cfg)
     if cfg.mode != "prior":
-        if model.kind != "vae":
-            raise UserError(f"--mode {cfg.mode} needs a VAE; a {model.kind} only draws prior samples (--mode prior)")
-        return _vae_mode(model, cfg, generator)
-    kwargs = {"sampler": cfg.sampler, "steps": cfg.sampling_steps, "eta": cfg.eta} if model.kind == "ddpm" else {}
+        return _data_mode(model, cfg, generator)
     out = []
     for start in range(0, cfg.num, cfg.batch_size):
-        out.append(model.sample(min(cfg.batch_size, cfg.num - start), generator=generator, **kwargs).cpu())
+        out.append(model.sample(min(cfg.batch_size, cfg.num - start), generator=generator, **options).cpu())
     return torch.cat(out)
 
 
 INTERPOLATION_STEPS = 8
 
 
-def _vae_mode(model, cfg: SampleConfig, generator: torch.Generator) -> torch.Tensor:
+def _data_mode(model: ELBOModel, cfg: SampleConfig, generator: torch.Generator) -> torch.Tensor:
+    """The modes of a model with an encoder: a latent grid, reconstructions and interpolations of held-out data."""
     device = next(model.parameters()).device
     if cfg.mode == "manifold":
         return model.manifold(int(round(cfg.num**0.5))).cpu()
@@ -89,7 +111,7 @@ def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: Path |
     x = draw(model, cfg)
     run_dir = ckpt.resolve_checkpoint(run).parent.parent
     path = _unused_path(out or run_dir / f"samples-{cfg.mode}-seed{cfg.seed}.png")
-    if len(model.data_shape) == 3:
+    if model.draws_images:
         nrow = INTERPOLATION_STEPS if cfg.mode == "interpolate" else 2 if cfg.mode == "reconstruct" and cfg.num <= 4 else None
         return save_png(image_grid(from_model(x, model.data_range), nrow=nrow), path)
     return save_png(scatter_plot(x.numpy()), path)
@@ -97,6 +119,9 @@ def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: Path |
 
 def evaluate(model: ELBOModel, run: Path, cfg: EvaluateConfig, progress: bool = False) -> Evaluation:
     device = next(model.parameters()).device
+    if cfg.per_step and not (cfg.metric != "nll" and model.per_step_terms):
+        raise UserError(f"--per-step needs the bound of a model with one term per timestep (a DDPM, --metric bpd); "
+                        f"a {model.kind} with --metric {cfg.metric} has none")
     common = dict(examples=cfg.examples, batch_size=cfg.batch_size, device=device, split=cfg.split, seed=cfg.seed,
                   progress=progress)
     if cfg.metric == "nll":
@@ -104,9 +129,7 @@ def evaluate(model: ELBOModel, run: Path, cfg: EvaluateConfig, progress: bool = 
     result = evaluate_bound(model, model.data_config, **common)
     result.metric = cfg.metric
     if cfg.per_step:
-        if result.per_step is None:
-            raise UserError(f"--per-step needs a DDPM (one term per timestep); a {model.kind} has none")
         path = Path(cfg.per_step)
         path.write_text(json.dumps({"nats_per_example": result.per_step, "dims": result.dims,
-                                    "labels": ["L_0"] + [f"L_{t}" for t in range(1, len(result.per_step) - 1)] + ["L_T"]}))
+                                    "labels": result.per_step_labels}))
     return result

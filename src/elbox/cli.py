@@ -140,7 +140,7 @@ def _train_parser(model: str) -> argparse.ArgumentParser:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from elbox.train.loop import train
+    from elbox.training.loop import train
 
     named = bool(argv) and argv[0] in MODELS  # `elbox train vae ...`; the default model is the DDPM
     model = argv.pop(0) if named else "ddpm"
@@ -213,7 +213,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     model = load(ns.run, ema=cfg.ema, device=cfg.device)
     result = evaluate(model, ns.run, cfg, progress=not ns.json)
     if ns.json:
-        print(json.dumps(result.to_dict() | {"per_step": None}))
+        print(json.dumps(result.to_dict() | {"per_step": None, "per_step_labels": None}))
         return 0
     name = "-log p(x) (IWAE, K=%d)" % result.k if result.metric == "nll" else "negative ELBO"
     print(f"{name} on {result.examples} held-out examples of {result.dims} dims:")

@@ -10,15 +10,17 @@ draw for draw.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from elbox.draws import randn_from
 from elbox.errors import UserError
-from elbox.objectives.diffusion import GaussianDiffusion
-from elbox.objectives.draws import randn_from
+
+if TYPE_CHECKING:  # only for annotations: the diffusion (objectives/) imports the samplers, not the other way
+    from elbox.objectives.diffusion import GaussianDiffusion
 
 Progress = Callable[[int, int], None]
 

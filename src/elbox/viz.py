@@ -34,8 +34,10 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, min_
 
 
 def scatter_plot(points: np.ndarray, size: int = 512, extent: float | None = None) -> Image.Image:
-    """A 2-D scatter plot of points (N, 2) on a white square, axes through the origin."""
-    points = np.asarray(points, dtype=np.float64)[:, :2]
+    """A 2-D scatter plot of points (N, 2) on a white square, axes through the origin (of points (N, ...) with more
+    dimensions, the first two)."""
+    points = np.asarray(points, dtype=np.float64)
+    points = points.reshape(len(points), -1)[:, :2]
     extent = extent or float(np.quantile(np.abs(points), 0.995)) * 1.1 or 1.0
     img = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(img)

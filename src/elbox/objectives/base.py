@@ -2,11 +2,18 @@
 
 An ``ELBOModel`` owns its networks (pure ``nn.Module``s that know nothing of noise schedules or priors) and its
 objective's fixed buffers. It answers three questions, all in the model's own data range (see
-``elbox.data.transforms``):
+``elbox.data.transforms``), with one signature each for every model:
 
-- ``losses(x, step=...)``: a stochastic estimate of the training objective, as ``Terms`` (the trainer reduces ``.loss``);
-- ``bound(x)``: the full negative ELBO on x, as ``Terms`` in nats (evaluation: no sampled timesteps);
-- ``sample(n)``: n samples from the model.
+- ``losses(x, *, step)``: a stochastic estimate of the training objective, as ``Terms`` (the trainer reduces
+  ``.loss``; ``step`` is the optimizer step, for schedules such as a KL warm-up);
+- ``bound(x, *, generator=None)``: the full negative ELBO on x, as ``Terms`` in nats (evaluation; its random draws
+  come from ``generator``);
+- ``sample(n, *, generator=None, **sampler_options)``: n samples; ``sampler_options`` lists the options it takes.
+
+and says what else it can do, so that callers (the API, evaluation, the trainer's outputs) never ask which kind of
+model they hold: ``sample_modes`` (what ``elbox sample --mode`` may draw), ``sampler_options``, ``per_step_terms``
+(whether its bound has a per-timestep sequence), ``draws_images`` (whether samples are images to show as a grid)
+and ``has_iwae`` (whether ``iwae_bound`` estimates log p(x) by importance sampling).
 
 Every model is built from ``(config, data_shape)``; both are stored in its checkpoint, so a run can be rebuilt
 from disk without the command that made it.
@@ -19,22 +26,42 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from elbox.errors import UserError
 from elbox.objectives.terms import Terms
 
 
 class ELBOModel(nn.Module):
     #: registry name, e.g. "ddpm" or "vae"
     kind: ClassVar[str]
+    #: what ``elbox sample --mode`` can draw: "prior" always; a model with an encoder also "reconstruct", ...
+    sample_modes: ClassVar[tuple[str, ...]] = ("prior",)
+    #: the keyword options ``sample`` takes besides ``generator`` (a DDPM: its sampler, steps, eta)
+    sampler_options: ClassVar[tuple[str, ...]] = ()
+    #: whether ``bound`` returns a per-timestep sequence (``Terms.steps``)
+    per_step_terms: ClassVar[bool] = False
+    #: whether ``iwae_bound`` (an importance-weighted estimate of log p(x)) exists
+    has_iwae: ClassVar[bool] = False
 
     def __init__(self, config: Any, data_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.config = config
         self.data_shape = tuple(int(d) for d in data_shape)
 
+    @classmethod
+    def resolve_config(cls, config: Any, data_kind: str) -> Any:
+        """The config with every "from the data" choice made, given what the training data is ("8bit" images or
+        "continuous" values); the trainer calls it before building the model and saves the result."""
+        return config
+
     @property
     def data_range(self) -> str:
         """How uint8 data maps into this model: "symmetric" ([-1, 1]), "unit" ([0, 1]) or "binary" ({0, 1})."""
         raise NotImplementedError
+
+    @property
+    def draws_images(self) -> bool:
+        """Whether samples are images (C, H, W) in ``data_range``, to be shown as a grid (else: vectors)."""
+        return len(self.data_shape) == 3
 
     @property
     def dims(self) -> int:
@@ -44,13 +71,23 @@ class ELBOModel(nn.Module):
             d *= s
         return d
 
-    def losses(self, x: Tensor, *, step: int = 0) -> Terms:
+    def losses(self, x: Tensor, *, step: int) -> Terms:
         """The training objective on a batch; ``step`` is the optimizer step (for schedules such as KL warm-up)."""
         raise NotImplementedError
 
-    def bound(self, x: Tensor) -> Terms:
+    def bound(self, x: Tensor, *, generator: torch.Generator | None = None) -> Terms:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, n: int, *, generator: torch.Generator | None = None, **sampler_options: Any) -> Tensor:
         raise NotImplementedError
+
+    def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """log p(x) estimated with k importance samples, shape (B,); only for models with ``has_iwae``."""
+        raise UserError(f"a {self.kind} has no importance-weighted likelihood estimate; use its bound (--metric bpd)")
+
+    def check_sampler_options(self, options: dict[str, Any]) -> None:
+        """A clear error for a sampling option this model does not take."""
+        unknown = sorted(set(options) - set(self.sampler_options))
+        if unknown:
+            takes = ", ".join(self.sampler_options) or "none"
+            raise UserError(f"a {self.kind} does not take the sampling option(s) {', '.join(unknown)} (it takes: {takes})")

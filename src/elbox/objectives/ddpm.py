@@ -4,18 +4,23 @@ Default objective (documented in README): the hybrid loss with learned variances
 al.'s simple loss with a fixed variance gives the best samples but a poor bound; the hybrid loss keeps the simple
 loss's samples and adds a good bound, which elbox reports as bits/dim by default. ``loss="simple"`` with
 ``var_type="fixed_large"`` is the original DDPM.
+
+What the data is, is declared (``DDPMConfig.data_kind``), not guessed from its shape: "8bit" data (images in [-1, 1] on
+the 256-level grid) gets the discretized decoder L_0 of Ho et al. eq. 13 and clipping of the predicted x_0;
+"continuous" data (vectors, or a VAE's spatial latents (C, h, w)) gets a Gaussian density for L_0 and no clipping.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from elbox import draws
 from elbox.errors import UserError
-from elbox.objectives import draws
 from elbox.objectives.base import ELBOModel
 from elbox.objectives.diffusion import (
     GaussianDiffusion,
@@ -26,10 +31,11 @@ from elbox.objectives.diffusion import (
     VarType,
     beta_schedule,
 )
-from elbox.objectives.terms import LN2, Terms
+from elbox.objectives.terms import Terms, bits_per_dim
 from elbox.samplers import ancestral_sample, ddim_sample
 
 Sampler = Literal["ancestral", "ddim"]
+DataKind = Literal["auto", "8bit", "continuous"]
 
 
 @dataclass
@@ -48,25 +54,33 @@ class DDPMConfig:
     net: str = "tiny"  # the denoiser: a U-Net preset (micro, tiny, small, ddpm-cifar10) or mlp (vector data)
     base_channels: int | None = None  # U-Net width; None keeps the preset's
     dropout: float | None = None  # U-Net dropout; None keeps the preset's
-    clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] when sampling and evaluating (images only)
+    clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] when sampling and evaluating (8-bit data only)
+    data_kind: DataKind = "auto"  # 8bit (discretized L_0, clipping), continuous (Gaussian L_0) or auto (the data set's kind)
 
     def __post_init__(self) -> None:
         if self.timesteps < 1:
             raise UserError(f"timesteps={self.timesteps} is not allowed; use an integer >= 1 (the paper uses 1000)")
         if not 0.0 < self.hybrid_lambda:
             raise UserError(f"hybrid_lambda={self.hybrid_lambda} is not allowed; use a value > 0 (paper: 0.001)")
+        if self.data_kind not in ("auto", "8bit", "continuous"):
+            raise UserError(f"data_kind={self.data_kind!r} is not allowed; choose 8bit, continuous or auto")
         if self.loss == "hybrid" and self.var_type != "learned":
             raise UserError("loss='hybrid' trains only the variance through its vlb part; use var_type='learned'")
 
 
 class DDPM(ELBOModel):
-    """A denoising diffusion probabilistic model (Ho et al. 2020) over images in [-1, 1] or over vectors."""
+    """A denoising diffusion probabilistic model (Ho et al. 2020) over 8-bit data in [-1, 1] or continuous values."""
 
     kind = "ddpm"
+    sampler_options = ("sampler", "steps", "eta", "progress")
+    per_step_terms = True
 
     def __init__(self, config: DDPMConfig, data_shape: tuple[int, ...]) -> None:
         super().__init__(config, data_shape)
-        self.is_image = len(self.data_shape) == 3
+        if config.data_kind == "auto":
+            raise UserError("DDPMConfig.data_kind='auto' is resolved from the training data by `elbox train`; "
+                            "building a DDPM directly, say what the data is: data_kind='8bit' (images) or 'continuous'")
+        self.discrete = config.data_kind == "8bit"
         self.diffusion = GaussianDiffusion(
             beta_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end),
             mean_type=config.mean_type,
@@ -74,22 +88,33 @@ class DDPM(ELBOModel):
             loss_type=config.loss,
             hybrid_lambda=config.hybrid_lambda,
             timestep_sampler=config.timestep_sampler,
-            decoder="discretized" if self.is_image else "continuous",
+            decoder="discretized" if self.discrete else "continuous",
         )
         self.net = build_denoiser(config, self.data_shape, self.diffusion.model_output_channels_factor)
-        self.clip_denoised = config.clip_denoised and self.is_image
+        self.clip_denoised = config.clip_denoised and self.discrete
+
+    @classmethod
+    def resolve_config(cls, config: DDPMConfig, data_kind: str) -> DDPMConfig:
+        if config.data_kind != "auto":
+            return config
+        return dataclasses.replace(config, data_kind=data_kind)
 
     @property
     def data_range(self) -> str:
         return "symmetric"
 
+    @property
+    def draws_images(self) -> bool:
+        return self.discrete and len(self.data_shape) == 3
+
     # ------------------------------------------------------------------------------------------ training
-    def losses(self, x: Tensor, *, step: int = 0) -> Terms:
+    def losses(self, x: Tensor, *, step: int) -> Terms:
         """One stochastic estimate of the bound and the training loss on a batch x_0 (in [-1, 1]).
 
         The terms are always the unbiased single-t estimate of the bound, weight * L_t + L_T (nats), whatever
         the loss; the loss is L_simple (eq. 14), the bound in bits/dim, or L_simple + lambda L_vlb with the
         gradient of L_vlb stopped at the mean (Nichol & Dhariwal sec. 3.1), i.e. lambda * T * L_t in bits/dim.
+        (``step`` is unused: the DDPM's objective has no schedule over training.)
         """
         d = self.diffusion
         t, weight = d.sample_timesteps(x.shape[0], x.device)
@@ -112,12 +137,13 @@ class DDPM(ELBOModel):
 
         steps = weight * l_t  # E_t[weight * L_t] = sum_t L_t
         if d.loss_type == "simple":
-            loss = mse
+            loss, unit = mse, "mean squared error per dimension"
         elif d.loss_type == "vlb":
-            loss = (steps + prior) / (self.dims * LN2)
+            loss, unit = bits_per_dim(steps + prior, self.dims), "bits/dim"
         else:
-            loss = mse + d.hybrid_lambda * steps / (self.dims * LN2)
-        return Terms(terms={"steps": steps, "prior": prior}, dims=self.dims, loss=loss, extras={"mse": mse.detach()})
+            loss, unit = mse + d.hybrid_lambda * bits_per_dim(steps, self.dims), "MSE + lambda bits/dim"
+        return Terms(terms={"steps": steps, "prior": prior}, dims=self.dims, loss=loss, extras={"mse": mse.detach()},
+                     loss_unit=unit)
 
     # ---------------------------------------------------------------------------------------- evaluation
     def bound(self, x: Tensor, *, generator: torch.Generator | None = None) -> Terms:
@@ -134,11 +160,14 @@ class DDPM(ELBOModel):
                 x_t = d.q_sample(x, t, draws.randn_from(generator, x.shape, x.device, x.dtype))
                 l_t, _ = d.vlb_terms(self.net, x, x_t, t, clip_denoised=self.clip_denoised)
                 per_step.append(l_t.float())
+            # the paper's names: L_0 is the decoder, L_{t-1} the KL at step t = 2..T, L_T the prior term
             terms = {"decoder_nll": per_step[0]}
+            columns = {"decoder_nll": ("L_0",), "prior": ("L_T",)}
             if len(per_step) > 1:
                 terms["kl"] = torch.stack(per_step[1:], dim=1)
+                columns["kl"] = tuple(f"L_{t}" for t in range(1, len(per_step)))
             terms["prior"] = d.prior_kl(x).float()
-            return Terms(terms=terms, dims=self.dims)
+            return Terms(terms=terms, dims=self.dims, columns=columns, steps=tuple(terms))
 
     # ------------------------------------------------------------------------------------------ sampling
     def sample(
@@ -151,7 +180,7 @@ class DDPM(ELBOModel):
         eta: float = 0.0,
         progress=None,
     ) -> Tensor:
-        """n samples in [-1, 1] (images) or in data space (vectors), by ancestral sampling or DDIM."""
+        """n samples in [-1, 1] (8-bit data) or in data space (continuous), by ancestral sampling or DDIM."""
         with torch.no_grad():
             p = next(self.parameters())
             device, dtype = p.device, p.dtype

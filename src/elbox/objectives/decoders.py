@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from elbox.draws import rand_from, randn_from
 from elbox.errors import UserError
-from elbox.objectives.draws import rand_from, randn_from
 from elbox.objectives.gaussian import discretized_gaussian_log_likelihood, gaussian_log_prob, log1mexp
 
 #: the smallest log-scale a learned scale may take (e^-7 ~ 1e-3), so that a decoder on constant pixels (MNIST's

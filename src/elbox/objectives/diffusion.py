@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from elbox import draws
 from elbox.errors import UserError
-from elbox.objectives import draws
 from elbox.objectives.gaussian import discretized_gaussian_log_likelihood, gaussian_log_prob, normal_kl
 
 Schedule = Literal["linear", "cosine"]

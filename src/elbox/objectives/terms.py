@@ -5,10 +5,17 @@ its bound as *named, per-example terms in nats*; the training loss, the negative
 plot and the comparison tables are all reductions of those terms.
 
 - a term of shape (B,) is one number per example (a VAE's ``kl``, a DDPM's ``prior`` L_T);
-- a term of shape (B, K) is K numbers per example that add up (a DDPM's ``kl`` has one column per timestep).
+- a term of shape (B, K) is K numbers per example that add up (a DDPM's ``kl`` has one column per timestep);
+  ``columns`` says what each column is (``"L_3"``), so no reader has to guess it from a name or a shape;
+- ``steps`` names, in order, the terms that make up a per-timestep sequence (a DDPM's L_0, L_1 .. L_{T-1}, L_T),
+  for the per-step plot and ``elbox evaluate --per-step``.
+
+Terms compose: a model used as a part of another (a DDPM prior inside latent diffusion) hands over its terms
+``prefixed("prior")``, and the whole is ``Terms.merge``d from its parts, columns and steps included.
 
 Diagnostics that are not part of the bound (an epsilon-MSE, say) go in ``extras``, never in ``terms``: the
-negative ELBO is ``sum(terms)`` and nothing else.
+negative ELBO is ``sum(terms)`` and nothing else. ``loss`` is the training surrogate a trainer minimises (its
+batch mean), per example, in the unit ``loss_unit`` names; by default it is the negative ELBO in nats.
 """
 
 from __future__ import annotations
@@ -31,17 +38,29 @@ def bits_per_dim(nats: Tensor | float, dims: int) -> Tensor | float:
 class Terms:
     """Named per-example ELBO terms in nats, and the per-example loss a trainer minimises.
 
-    ``loss`` defaults to the negative ELBO; objectives that train on a surrogate (the DDPM "simple" loss) set it.
+    ``loss`` defaults to the negative ELBO (in nats); objectives that train on a surrogate (the DDPM "simple"
+    loss) set it and say its unit in ``loss_unit``.
     """
 
     terms: dict[str, Tensor]
     dims: int
     loss: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # labels of the columns of (B, K) terms
+    steps: tuple[str, ...] = ()  # the terms that, in order, make the per-timestep sequence (L_0 .. L_T)
+    loss_unit: str = "nats"
 
     def __post_init__(self) -> None:
         if not self.terms:
             raise ValueError("Terms needs at least one named term")
+        for name, labels in self.columns.items():
+            value = self.terms[name]
+            width = 1 if value.dim() == 1 else value.flatten(1).shape[1]
+            if len(labels) != width:
+                raise ValueError(f"term {name!r} has {width} column(s) but {len(labels)} label(s)")
+        missing = [s for s in self.steps if s not in self.terms]
+        if missing:
+            raise ValueError(f"steps name terms that do not exist: {missing}")
         if self.loss is None:
             self.loss = self.nll
 
@@ -53,9 +72,8 @@ class Terms:
     def nll(self) -> Tensor:
         """Per-example negative ELBO in nats, shape (B,): the sum of every term (and every column of a (B, K) term)."""
         total = None
-        for value in self.terms.values():
-            v = value if value.dim() == 1 else value.flatten(1).sum(1)
-            total = v if total is None else total + v
+        for value in self.totals().values():
+            total = value if total is None else total + value
         return total
 
     @property
@@ -67,6 +85,26 @@ class Terms:
         """Each term summed to one number per example, shape (B,) (per-step columns added up)."""
         return {k: (v if v.dim() == 1 else v.flatten(1).sum(1)) for k, v in self.terms.items()}
 
+    def labels(self, name: str) -> tuple[str, ...]:
+        """What each column of term ``name`` is: its ``columns`` entry, else the name (``name[i]`` for column i)."""
+        if name in self.columns:
+            return self.columns[name]
+        value = self.terms[name]
+        width = 1 if value.dim() == 1 else value.flatten(1).shape[1]
+        return (name,) if width == 1 else tuple(f"{name}[{i}]" for i in range(width))
+
+    def per_step(self) -> tuple[list[str], Tensor] | None:
+        """The per-timestep sequence as (labels, values of shape (B, K)), or None when the model has none."""
+        if not self.steps:
+            return None
+        labels: list[str] = []
+        values = []
+        for name in self.steps:
+            value = self.terms[name]
+            values.append(value.unsqueeze(1) if value.dim() == 1 else value.flatten(1))
+            labels.extend(self.labels(name))
+        return labels, torch.cat(values, dim=1)
+
     def summary(self) -> dict[str, float]:
         """Batch means of the loss, the negative ELBO, bits/dim, every term and every extra, as floats (for logs)."""
         with torch.no_grad():
@@ -74,6 +112,36 @@ class Terms:
             out.update({k: float(v.mean()) for k, v in self.totals().items()})
             out.update({k: float(v.mean()) for k, v in self.extras.items()})
         return out
+
+    # ---------------------------------------------------------------------------------------- composition
+    def prefixed(self, prefix: str) -> "Terms":
+        """The same terms under ``prefix/`` (``kl`` -> ``prior/kl``): how a model hands its terms to a larger one."""
+        def name(k: str) -> str:
+            return f"{prefix}/{k}"
+
+        return Terms(terms={name(k): v for k, v in self.terms.items()}, dims=self.dims, loss=self.loss,
+                     extras={name(k): v for k, v in self.extras.items()},
+                     columns={name(k): v for k, v in self.columns.items()},
+                     steps=tuple(name(s) for s in self.steps), loss_unit=self.loss_unit)
+
+    @staticmethod
+    def merge(parts: list["Terms"], *, dims: int, loss: Tensor | None = None, loss_unit: str = "nats") -> "Terms":
+        """One ``Terms`` holding every term of ``parts`` (their names must not clash; prefix them first), over
+        ``dims`` data dimensions. ``loss`` defaults to the merged negative ELBO."""
+        terms: dict[str, Tensor] = {}
+        extras: dict[str, Tensor] = {}
+        columns: dict[str, tuple[str, ...]] = {}
+        steps: tuple[str, ...] = ()
+        for part in parts:
+            clash = (set(terms) | set(extras)) & (set(part.terms) | set(part.extras))
+            if clash:
+                raise ValueError(f"terms {sorted(clash)} appear in two parts; prefix one of them")
+            terms.update(part.terms)
+            extras.update(part.extras)
+            columns.update(part.columns)
+            steps += part.steps
+        return Terms(terms=terms, dims=dims, loss=loss, extras=extras, columns=columns, steps=steps,
+                     loss_unit=loss_unit)
 
     @staticmethod
     def cat(parts: list["Terms"]) -> "Terms":
@@ -84,4 +152,7 @@ class Terms:
             dims=first.dims,
             loss=torch.cat([p.loss for p in parts]),
             extras={k: torch.cat([p.extras[k] for p in parts]) for k in first.extras},
+            columns=dict(first.columns),
+            steps=first.steps,
+            loss_unit=first.loss_unit,
         )

@@ -27,9 +27,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from elbox import draws
 from elbox.errors import UserError
 from elbox.nets.vae_nets import ACTIVATIONS, ARContext, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
-from elbox.objectives import draws
 from elbox.objectives.base import ELBOModel
 from elbox.objectives.decoders import DECODERS, build_likelihood
 from elbox.objectives.gaussian import standard_normal_kl
@@ -148,6 +148,8 @@ class VAE(ELBOModel):
     """A VAE on data of shape (C, H, W) or (D,), trained and evaluated in the decoder's data range."""
 
     kind = "vae"
+    sample_modes = ("prior", "reconstruct", "interpolate", "manifold")
+    has_iwae = True
 
     def __init__(self, config: VAEConfig, data_shape: tuple[int, ...]) -> None:
         super().__init__(config, data_shape)
@@ -241,26 +243,29 @@ class VAE(ELBOModel):
 
     # ---- the ELBO ------------------------------------------------------------------------------------------
 
-    def _elbo_terms(self, x: Tensor) -> dict[str, Tensor]:
+    def _elbo_terms(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         self._check(x)
         mu, logvar = self.encode(x)
-        # reparameterisation trick, K&W eq. 10: z = mu + sigma * eps with eps ~ N(0, I)
-        z = mu + torch.exp(0.5 * logvar) * draws.randn_like(mu)
+        # reparameterisation trick, K&W eq. 10: z = mu + sigma * eps with eps ~ N(0, I); in training eps comes from
+        # the trainer's per-step stream (``draws``), in evaluation from the caller's generator
+        eps = draws.randn_like(mu) if generator is None else draws.randn_from(generator, mu.shape, mu.device, mu.dtype)
+        z = mu + torch.exp(0.5 * logvar) * eps
         # KL(N(mu, sigma^2) || N(0, 1)) = -1/2 sum(1 + log sigma^2 - mu^2 - sigma^2), K&W appendix B
         kl = standard_normal_kl(mu, logvar).sum(1)
         return {"decoder_nll": -self.log_px_given_z(x, z), "kl": kl}
 
-    def losses(self, x: Tensor, *, step: int = 0) -> Terms:
+    def losses(self, x: Tensor, *, step: int) -> Terms:
         """The negative ELBO at one z sample per example, as terms; loss = decoder_nll + kl_weight(step) * kl."""
         terms = self._elbo_terms(x)
         loss = terms["decoder_nll"] + self.kl_weight(step) * terms["kl"]
         return Terms(terms=terms, dims=self.dims, loss=loss)
 
-    def bound(self, x: Tensor) -> Terms:
-        """The negative ELBO (a single-sample, unbiased estimate), as terms in nats; loss = the negative ELBO."""
-        return Terms(terms=self._elbo_terms(x), dims=self.dims)
+    def bound(self, x: Tensor, *, generator: torch.Generator | None = None) -> Terms:
+        """The negative ELBO (a single-sample, unbiased estimate), as terms in nats; loss = the negative ELBO.
+        The z sample comes from ``generator`` (default: the global RNG)."""
+        return Terms(terms=self._elbo_terms(x, generator), dims=self.dims)
 
-    def iwae_bound(self, x: Tensor, k: int, *, chunk: int = 100) -> Tensor:
+    def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None, chunk: int = 100) -> Tensor:
         """The importance-weighted estimate of log p(x) in nats with k samples, shape (B,) (Burda et al. 2016, eq. 8):
 
             L_k = log 1/k sum_i p(x, z_i) / q(z_i|x),    z_i ~ q(z|x) independently.
@@ -268,7 +273,8 @@ class VAE(ELBOModel):
         E[L_k] rises with k towards log p(x) (their theorem 1); L_1 is the ELBO. The k samples are drawn ``chunk``
         at a time (the encoder runs once) and the chunks' log-sum-exps are combined, so memory holds chunk * B
         decoder outputs at a time, whatever k is. Gradients flow through it (an IWAE objective could use it), so
-        evaluate under ``torch.no_grad()``, or the graph of every chunk is kept.
+        evaluate under ``torch.no_grad()``, or the graph of every chunk is kept. The z samples come from
+        ``generator`` (default: the global RNG).
         """
         if int(k) != k or k < 1:
             raise UserError(f"the number of importance samples k must be an integer >= 1; got {k}")
@@ -283,7 +289,7 @@ class VAE(ELBOModel):
         done = 0
         while done < k:
             c = min(chunk, k - done)
-            eps = torch.randn((c, *mu.shape), dtype=mu.dtype, device=mu.device)
+            eps = draws.randn_from(generator, (c, *mu.shape), mu.device, mu.dtype)
             z = mu + std * eps  # (c, B, L)
             # log p(z) - log q(z|x); the 1/2 log 2 pi terms cancel, and (z - mu)/sigma is eps itself
             log_prior_ratio = (-0.5 * z**2 + 0.5 * eps**2 + 0.5 * logvar).sum(-1)
@@ -298,8 +304,10 @@ class VAE(ELBOModel):
 
     # ---- using the model -----------------------------------------------------------------------------------
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """n draws z ~ N(0, I) pushed through the decoder, returned as the decoder's mean (see ``decode``)."""
+    def sample(self, n: int, *, generator: torch.Generator | None = None, **sampler_options) -> Tensor:
+        """n draws z ~ N(0, I) pushed through the decoder, returned as the decoder's mean (see ``decode``).
+        A VAE samples in one pass: it takes no sampler options."""
+        self.check_sampler_options(sampler_options)
         with torch.no_grad():
             p = next(self.parameters())
             z = draws.randn_from(generator, (n, self.latent_dim), p.device, p.dtype)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from elbox.devices import resolve_device
 from elbox.errors import UserError
 
 T = TypeVar("T")
@@ -34,18 +35,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device={name!r} was asked for but no CUDA GPU is available; use device='cpu' or 'auto'")
-        return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise UserError(f"device={name!r} is not known; use cpu, cuda, cuda:N or auto")
 
 
 def setup(device: str) -> DistInfo:

@@ -29,7 +29,8 @@ class Evaluation:
     bpd: float
     bpd_stderr: float
     terms: dict[str, float] = field(default_factory=dict)  # mean nats per example of each named term
-    per_step: list[float] | None = None  # a DDPM's L_0, L_1, ..., L_{T-1}, L_T (nats per example)
+    per_step: list[float] | None = None  # a per-timestep sequence (a DDPM's L_0 .. L_T), mean nats per example
+    per_step_labels: list[str] | None = None  # what each entry of per_step is ("L_0", ..., "L_T"; "prior/L_0", ...)
     k: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,23 +72,15 @@ def evaluate_bound(model: ELBOModel, data: DataConfig, *, examples: int = 0, bat
         batches = tqdm(batches, desc="evaluate", unit="batch")
     for i in batches:
         x = x_all[i : i + batch_size].to(device)
-        parts.append(_bound(model, x, generator))
+        parts.append(model.bound(x, generator=generator))
     terms = Terms.cat(parts)
     nats, nats_se = _mean_stderr(terms.nll)
-    per_step = None
-    if "kl" in terms.terms and terms.terms["kl"].dim() == 2:
-        per_step = ([float(terms.terms["decoder_nll"].mean())] + terms.terms["kl"].double().mean(0).tolist()
-                    + [float(terms.terms["prior"].mean())])
+    steps = terms.per_step()
+    labels, per_step = (steps[0], steps[1].double().mean(0).tolist()) if steps is not None else (None, None)
     return Evaluation(metric="bpd", examples=terms.batch_size, dims=terms.dims, nats=nats, nats_stderr=nats_se,
                       bpd=bits_per_dim(nats, terms.dims), bpd_stderr=bits_per_dim(nats_se, terms.dims),
-                      terms={k: float(v.double().mean()) for k, v in terms.totals().items()}, per_step=per_step)
-
-
-def _bound(model: ELBOModel, x: torch.Tensor, generator: torch.Generator) -> Terms:
-    try:
-        return model.bound(x, generator=generator)
-    except TypeError:  # models whose bound draws from the global RNG
-        return model.bound(x)
+                      terms={k: float(v.double().mean()) for k, v in terms.totals().items()}, per_step=per_step,
+                      per_step_labels=labels)
 
 
 @torch.no_grad()
@@ -95,19 +88,20 @@ def evaluate_iwae(model: ELBOModel, data: DataConfig, *, k: int, examples: int =
                   device: torch.device | str = "cpu", split: str = "test", seed: int = 0,
                   progress: bool = False) -> Evaluation:
     """-log p(x) by the importance-weighted bound log 1/K sum_k p(x, z_k)/q(z_k|x) (Burda et al. 2016)."""
-    if not hasattr(model, "iwae_bound"):
-        raise UserError(f"--metric nll needs a model with an encoder (a VAE); a {model.kind} has none: use --metric bpd")
+    if not model.has_iwae:
+        raise UserError(f"--metric nll needs a model with an importance-weighted estimate (a VAE); a {model.kind} "
+                        f"has none: use --metric bpd")
     if k < 1:
         raise UserError(f"--k {k} is not allowed; use K >= 1 importance samples (Burda et al. use 5000)")
     model.eval().to(device)
-    torch.manual_seed(seed)
     x_all = heldout_data(model, data, examples, split, seed)
+    generator = torch.Generator().manual_seed(seed)
     batches = range(0, x_all.shape[0], batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"IWAE K={k}", unit="batch")
-    log_px = torch.cat([model.iwae_bound(x_all[i : i + batch_size].to(device), k).double().cpu() for i in batches])
+    log_px = torch.cat([model.iwae_bound(x_all[i : i + batch_size].to(device), k, generator=generator).double().cpu() for i in batches])
     nats, nats_se = _mean_stderr(-log_px)
     dims = model.dims
     return Evaluation(metric="nll", examples=log_px.numel(), dims=dims, nats=nats, nats_stderr=nats_se,

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from elbox.checkpoint import write_text_atomic
 from elbox.config import DataConfig, RunConfig, TrainConfig
 from elbox.data import from_model, to_model
 from elbox.errors import UserError
 from elbox.objectives.base import ELBOModel
-from elbox.train.checkpoint import write_text_atomic
 from elbox.viz import image_grid, line_plot, save_png, scatter_plot
 
 if TYPE_CHECKING:
-    from elbox.evaluate import Evaluation
+    from elbox.metrics.likelihood import Evaluation
 
 METRICS = "metrics.jsonl"
 
@@ -155,10 +155,10 @@ def write_samples(model: ELBOModel, path: Path, t: TrainConfig) -> Path:
     model.eval()
     with torch.random.fork_rng(devices=_cuda_devices(model)):
         generator = torch.Generator().manual_seed(t.seed)
-        n = t.num_samples if len(model.data_shape) == 3 else max(t.num_samples, 2000)
+        n = t.num_samples if model.draws_images else max(t.num_samples, 2000)
         x = model.sample(n, generator=generator)
     model.train(was_training)
-    if len(model.data_shape) == 3:
+    if model.draws_images:
         return save_png(image_grid(from_model(torch.nan_to_num(x), model.data_range)), path)
     return save_png(scatter_plot(torch.nan_to_num(x).cpu().numpy()), path)
 
@@ -166,7 +166,7 @@ def write_samples(model: ELBOModel, path: Path, t: TrainConfig) -> Path:
 @torch.no_grad()
 def write_reconstructions(model: ELBOModel, data: DataConfig, path: Path, t: TrainConfig) -> Path | None:
     """For models with an encoder (a VAE): held-out images and their reconstructions, in alternating columns."""
-    if not hasattr(model, "reconstruct") or len(model.data_shape) != 3:
+    if "reconstruct" not in model.sample_modes or not model.draws_images:
         return None
     was_training = model.training
     model.eval()
@@ -183,7 +183,7 @@ def write_reconstructions(model: ELBOModel, data: DataConfig, path: Path, t: Tra
 def heldout_bound(model: ELBOModel, cfg: RunConfig, examples: int, device: torch.device) -> Evaluation:
     """The full bound (``.bpd`` in bits/dim, ``.examples`` how many) on the first ``examples`` held-out examples
     (the test split, or all of it when it is smaller); the training RNG is left untouched, as in ``write_samples``."""
-    from elbox.evaluate import evaluate_bound
+    from elbox.metrics.likelihood import evaluate_bound
 
     was_training = model.training
     with torch.random.fork_rng(devices=_cuda_devices(model)):

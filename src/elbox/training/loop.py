@@ -1,0 +1,354 @@
+"""The one training loop of elbox, for every ELBO model. Read ``train`` top to bottom: it is the whole story.
+
+What it guarantees (tests/test_train*.py check each point with real runs):
+
+- The run folder holds the resolved config, self-describing checkpoints (``checkpoint.py``), metrics, sample grids
+  and a loss curve (``outputs.py``).
+- Exact resume. A checkpoint holds the weights, the EMA, the optimizer, the step, the loader's position and every
+  rank's RNG state, so on the CPU N steps + ``--resume`` + N steps give bit-identical weights to 2N steps. Sample
+  grids and evaluation use their own generators under ``fork_rng``: they never move the training stream.
+- Faults. Checkpoints are atomic, so a SIGKILL at any moment loses at most the steps since the last checkpoint.
+  SIGINT/SIGTERM finish the current step, save a checkpoint and stop (the CLI then exits with 128 + the signal's
+  number, as a shell does). A full disk during a save keeps the previous checkpoint and says so. A NaN/Inf in a
+  loss term or the gradient stops the run naming the step and the term, the last checkpoint untouched; with
+  ``on_nonfinite="skip"`` the step's update is skipped instead (the step still counts) and the skips are counted.
+- Speed and scale. ``precision`` fp32/bf16/fp16 (torch.amp autocast; fp16 with a gradient scaler), torch.compile
+  of the networks, channels-last, TF32 on GPUs, gradient accumulation. Under torchrun
+  (``torchrun --nproc_per_node 8 -m elbox train --batch-size 256 ...``; add ``--nnodes``/``--rdzv-endpoint`` for
+  several machines) DDP averages the gradients, only rank 0 touches the run folder (other nodes need no shared
+  file system), every rank updates the same EMA (each checkpoint records each rank's digest of its weights and
+  EMA), and a resume needs the same number of processes.
+
+Randomness: why one process, k processes and gradient accumulation train the same model
+    Step s uses a global batch of B examples. Under torchrun each rank's loader yields B/k of them — rank r holds
+    positions r, r+k, r+2k, ... of the batch one process would draw, because the loader gives rank r every k-th
+    example of each epoch's order — and gradient accumulation cuts a rank's share into micro-batches. The
+    objective's draws (a DDPM's t and noise) go through ``elbox.draws``: inside ``draws.global_batch``
+    every rank and micro-batch draws for the whole global batch from a generator seeded by (seed, s) and keeps its
+    own rows. So each example gets the same t and noise however the batch is split, DDP averages the per-rank
+    mean losses' gradients, and the result equals one process's up to floating-point rounding. The global torch
+    RNG (dropout; random flips are the loader's, per rank) is seeded per rank, so with dropout or flips a split
+    run matches only in distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from elbox import checkpoint as ckpt
+from elbox import draws
+from elbox.config import RunConfig, TrainConfig
+from elbox.data import to_model
+from elbox.data.dataset import derive_seed
+from elbox.errors import UserError
+from elbox.objectives.base import ELBOModel
+from elbox.objectives.terms import Terms
+from elbox.training.distributed import DistInfo, any_rank, from_main, mean_over_ranks, setup, teardown, wait_for_all
+from elbox.training.ema import EMA
+from elbox.training.outputs import (
+    METRICS,
+    MetricsLog,
+    RunFolder,
+    heldout_bound,
+    plot_loss_curve,
+    progress_bar,
+    write_reconstructions,
+    write_samples,
+)
+from elbox.training.session import Run, check_setup, set_up
+
+
+@dataclass
+class TrainResult:  # pragma: no mutate block
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    samples: Path | None
+    seconds: float
+    images_per_second: float
+    heldout_bpd: float | None
+    heldout_examples: int | None  # how many held-out examples heldout_bpd is the mean over
+    stopped_by: str | None = None  # "SIGINT"/"SIGTERM" when a signal ended the run early
+    skipped: int = 0  # steps whose update was skipped for a NaN/Inf (on_nonfinite="skip")
+    is_main: bool = True  # rank 0, the process that wrote the run folder
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped_by is not None
+
+    def written(self) -> list[Path]:
+        """What this run wrote, for the summary line."""
+        paths = [self.checkpoint, self.samples, self.run_dir / METRICS, self.run_dir / "loss.png",
+                 self.run_dir / "tensorboard"]
+        return [p for p in paths if p is not None and p.exists()]
+
+
+def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResult:  # pragma: no mutate block
+    """Train ``cfg`` into the run folder ``out`` (or continue it with ``resume=True``)."""
+    out = Path(out)
+    info = setup(cfg.train.device)
+    folder: RunFolder | None = None
+    try:
+        check_setup(cfg.train, info)  # before anything is written
+        folder = from_main(lambda: RunFolder(out, cfg, resume), info, share=False)
+        run = set_up(cfg, out, folder, info, resume)  # data, model, optimizer, EMA; a resume puts them back
+        loop = _loop(run)
+        return _finish(run, loop)
+    except OSError as e:
+        if e.errno not in ckpt.DISK_FULL:
+            raise
+        # metrics lines, sample grids, TensorBoard events: a full disk there is no reason for a traceback
+        latest = ckpt.latest_checkpoint(out, verify=False)
+        kept = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint was written yet"
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"the disk is full ({e.strerror}) while writing to the run folder {out}{where}; {kept}; "
+                        f"free some space, then `elbox train --resume {out}`") from None
+    finally:
+        if folder is not None:
+            folder.close()
+        teardown()
+
+
+@dataclass
+class _LoopEnd:  # pragma: no mutate block
+    seconds: float
+    images_seen: int
+    skipped: int
+    stopped_by: str | None
+
+
+def _loop(run: Run) -> _LoopEnd:  # pragma: no mutate block
+    """Steps until ``train.steps`` (or a stop signal), each followed by the periodic actions that are due."""
+    t, info = run.cfg.train, run.info
+    log = _Log(MetricsLog(run.out, run.step) if info.is_main else None,
+               progress_bar(t, run.step) if info.is_main else None)
+    batches = run.loader.forever()
+    start = time.perf_counter()
+    images_seen = skipped = 0
+    stopped_by: str | None = None
+    try:
+        with _StopSignal() as stop:
+            while run.step < t.steps:
+                done = train_step(run.step, next(batches), t=t, model=run.model, loss_module=run.loss_module,
+                                  optimizer=run.optimizer, scaler=run.scaler, ema=run.ema, info=info,
+                                  micro_rows=run.micro_rows, stop_received=stop.received is not None)
+                if done.nonfinite is not None:
+                    _on_nonfinite(run, done.nonfinite, log.metrics)  # stops the run, or counts a skipped update
+                    skipped += 1
+                run.step += 1
+                images_seen += t.batch_size
+                log.step(run, done, skipped)
+                _periodic(run, log.metrics)
+                if done.stop_now:
+                    stopped_by = stop.received or "SIGTERM"  # a signal to another rank: torchrun's SIGTERM
+                    break
+    finally:
+        log.close()
+    return _LoopEnd(time.perf_counter() - start, images_seen, skipped, stopped_by)
+
+
+def _on_nonfinite(run: Run, where: str, metrics: MetricsLog | None) -> None:  # pragma: no mutate block
+    """A NaN/Inf in this step (its update was skipped): stop, naming the step and the term, unless told to skip."""
+    if run.cfg.train.on_nonfinite == "skip":
+        return
+    if metrics is not None:
+        metrics.write({"step": run.step + 1, "nonfinite": where, "stopped": True})
+    kept = (f"the last checkpoint, {run.last_checkpoint}, is untouched" if run.last_checkpoint
+            else "no checkpoint was written yet")
+    raise UserError(f"non-finite value (NaN/Inf) in {where} at step {run.step + 1}; stopped; {kept}; try a lower "
+                    f"--lr, --grad-clip, or --on-nonfinite skip")
+
+
+class _Log:  # pragma: no mutate block
+    """The metrics line every ``log_every`` steps (and at the last step, and at a NaN/Inf), and the progress bar."""
+
+    def __init__(self, metrics: MetricsLog | None, progress: Any) -> None:
+        self.metrics, self.progress = metrics, progress
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def step(self, run: Run, done: StepOutcome, skipped: int) -> None:
+        t = run.cfg.train
+        self.window_images += t.batch_size
+        if run.step % t.log_every == 0 or run.step == t.steps or done.nonfinite is not None:
+            now = time.perf_counter()
+            summary = mean_over_ranks(Terms.cat(done.terms).summary(), run.info)
+            record = {"step": run.step, **summary, "lr": done.lr, "grad_norm": float(done.grad_norm),
+                      "images_per_s": self.window_images / max(now - self.window_start, 1e-9), "skipped": skipped}
+            if done.nonfinite:
+                record["nonfinite"] = done.nonfinite
+            self.window_start, self.window_images = now, 0
+            if self.metrics is not None:
+                self.metrics.write(record)
+            if self.progress is not None:
+                self.progress.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}",
+                                          refresh=False)
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _periodic(run: Run, metrics: MetricsLog | None) -> None:  # pragma: no mutate block
+    """What is due after this step: a sample grid (rank 0), a checkpoint, and the held-out bound beside it."""
+    t, step = run.cfg.train, run.step
+    if t.sample_every and step % t.sample_every == 0 and run.info.is_main:
+        folder = run.out / "samples"
+        write_samples(run.sampling_model, folder / f"step-{step:07d}.png", t)
+        write_reconstructions(run.sampling_model, run.cfg.data, folder / f"step-{step:07d}-reconstructions.png", t)
+    if step % t.checkpoint_every == 0 and step < t.steps:
+        run.save()
+        if t.eval_batches > 0 and metrics is not None:
+            bpd = heldout_bound(run.sampling_model, run.cfg, t.eval_batches * t.batch_size, run.info.device).bpd
+            metrics.write({"step": step, "heldout_bpd": bpd})
+
+
+def _finish(run: Run, loop: _LoopEnd) -> TrainResult:  # pragma: no mutate block
+    """A last checkpoint, the loss curve and, unless a signal stopped the run, the sample grid and the held-out
+    bound."""
+    t, info = run.cfg.train, run.info
+    last = run.save()
+    samples = heldout = None
+    if info.is_main:
+        plot_loss_curve(run.out)
+        if loop.stopped_by is None:
+            samples = write_samples(run.sampling_model, run.out / "samples.png", t)
+            write_reconstructions(run.sampling_model, run.cfg.data, run.out / "reconstructions.png", t)
+            if t.final_eval_examples > 0:
+                heldout = heldout_bound(run.sampling_model, run.cfg, t.final_eval_examples, info.device)
+    wait_for_all(info)  # rank 0's last outputs take a while: the ranks leave together
+    return TrainResult(run_dir=run.out, step=run.step, checkpoint=last, samples=samples, seconds=loop.seconds,
+                       images_per_second=loop.images_seen / max(loop.seconds, 1e-9),
+                       heldout_bpd=heldout.bpd if heldout else None,
+                       heldout_examples=heldout.examples if heldout else None,
+                       stopped_by=loop.stopped_by, skipped=loop.skipped, is_main=info.is_main)
+
+
+# Mutation testing (issue 9) covers the training step (train_step and the helpers it calls); the set-up, the loop's
+# bookkeeping and resume are marked "no mutate block" and are checked by the end-to-end tests instead.
+@dataclass
+class StepOutcome:
+    """What one optimizer step leaves for the loop: its terms (one ``Terms`` per micro-batch), the learning rate
+    and gradient norm it used, where a NaN/Inf was (its update was then skipped), and whether any rank was asked
+    to stop."""
+
+    terms: list[Terms]
+    lr: float
+    grad_norm: torch.Tensor
+    nonfinite: str | None
+    stop_now: bool
+
+
+def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOModel, loss_module: nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema: EMA | None, info: DistInfo,
+               micro_rows: list[torch.Tensor], stop_received: bool) -> StepOutcome:
+    """One optimizer step on this rank's share ``batch`` (uint8) of the step's global batch: learning-rate
+    warm-up, forward and backward over the micro-batches, clipping, the NaN/Inf check, the update and the EMA."""
+    lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else t.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    step_seed = derive_seed("draws", t.seed, step)
+    terms_seen: list[Terms] = []
+    for micro, (x_uint8, rows) in enumerate(zip(batch.chunk(t.grad_accum), micro_rows)):
+        # DDP all-reduces the gradients once, on the last micro-batch
+        last = micro == t.grad_accum - 1
+        sync = loss_module.no_sync() if info.enabled and not last else contextlib.nullcontext()
+        with sync:
+            with draws.global_batch(step_seed, rows, t.batch_size), _autocast(t.precision, info.device):
+                x = _to_model(x_uint8, model.data_range, t.channels_last)
+                loss, terms = loss_module(x, step)
+            scaler.scale(loss / t.grad_accum).backward()
+        terms_seen.append(terms)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+
+    # One check (and, under torchrun, one tiny all-reduce) per step: NaN/Inf here or on any rank, and a stop
+    # signal on any rank. fp16's gradient overflows are the grad scaler's to handle.
+    total = sum(tm.loss.detach().sum() + tm.nll.detach().sum() for tm in terms_seen)  # NaN/Inf spreads
+    finite = torch.isfinite(total)
+    if t.precision != "fp16":
+        finite = finite & torch.isfinite(grad_norm)
+    bad_here = not bool(finite)
+    bad, stop_now = any_rank([bad_here, stop_received], info)
+    nonfinite = None
+    if bad:
+        nonfinite = _nonfinite_where(terms_seen) if bad_here else "the batch of another process"
+    else:
+        scaler.step(optimizer)  # fp16: skips the update itself when the scaled gradient overflowed
+        if ema is not None:
+            ema.update(model)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(terms=terms_seen, lr=lr, grad_norm=grad_norm, nonfinite=nonfinite, stop_now=stop_now)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _to_model(x: torch.Tensor, data_range: str, channels_last: bool) -> torch.Tensor:
+    """uint8 -> the model's range. Binarization draws through ``draws`` so that it, too, ignores how the batch is split."""
+    if data_range == "binary" and not x.is_floating_point():
+        p = to_model(x, "unit")
+        x = (draws.rand_like(p) < p).to(p.dtype)  # a Bernoulli(p) draw per pixel, as to_model's
+    else:
+        x = to_model(x, data_range)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _nonfinite_where(terms_seen: list[Terms]) -> str:
+    """Which term of the bound (or the loss, or the gradient) is the first one that is not finite."""
+    for terms in terms_seen:
+        for name, value in terms.terms.items():
+            if not torch.isfinite(value).all():
+                return f"term {name!r}"
+        if not torch.isfinite(terms.loss).all():
+            return "the loss"
+    return "the gradient"
+
+
+class _StopSignal:  # pragma: no mutate block
+    """Turns the first SIGINT/SIGTERM into a flag the loop checks after each step (then it saves and stops); a
+    second one acts as if elbox had not caught the first (Ctrl-C twice: stop now)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            return
+        self._restore()
+        os.kill(os.getpid(), signum)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()

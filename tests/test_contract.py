@@ -1,0 +1,205 @@
+"""The ELBO contract (objectives/base.py, objectives/terms.py): one signature per verb for every model, terms that
+compose, what the data is declared rather than guessed, capabilities instead of type checks, and inference that
+does not depend on training."""
+
+import ast
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+from elbox.api import sampler_options
+from elbox.config import MODELS, DataConfig, RunConfig, SampleConfig, TrainConfig, load_run_config
+from elbox.errors import UserError
+from elbox.objectives.ddpm import DDPM, DDPMConfig
+from elbox.objectives.terms import Terms
+from elbox.objectives.vae import VAE, VAEConfig
+from elbox.training.loop import train
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "elbox"
+
+
+def small_models():
+    torch.manual_seed(0)
+    return {
+        "ddpm": DDPM(DDPMConfig(data_kind="8bit", net="micro", timesteps=5), (1, 8, 8)),
+        "vae": VAE(VAEConfig(hidden=(16,), latent_dim=3), (1, 8, 8)),
+    }
+
+
+# ------------------------------------------------------------------------------------------ one signature per verb
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_every_model_has_one_signature_per_verb(kind):
+    cls = MODELS[kind][1]
+    losses = inspect.signature(cls.losses).parameters
+    assert losses["step"].kind is inspect.Parameter.KEYWORD_ONLY and losses["step"].default is inspect.Parameter.empty
+    bound = inspect.signature(cls.bound).parameters
+    assert list(bound) == ["self", "x", "generator"]
+    assert bound["generator"].kind is inspect.Parameter.KEYWORD_ONLY and bound["generator"].default is None
+    sample = inspect.signature(cls.sample).parameters
+    assert list(sample)[:3] == ["self", "n", "generator"] and sample["generator"].kind is inspect.Parameter.KEYWORD_ONLY
+    extra = [p for p in list(sample)[3:] if sample[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    assert set(extra) == set(cls.sampler_options)  # what it takes is what it says it takes
+
+
+def test_nothing_calls_the_verbs_inside_try_except_type_error():
+    for path in SRC.rglob("*.py"):
+        assert "except TypeError" not in path.read_text(), path
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "vae"])
+def test_bound_draws_from_its_generator_and_leaves_the_global_rng_alone(kind):
+    model = small_models()[kind].eval()
+    x = torch.rand(4, 1, 8, 8).round() if kind == "vae" else torch.rand(4, 1, 8, 8).mul(255).round().div(127.5).sub(1)
+    state = torch.get_rng_state()
+    a = model.bound(x, generator=torch.Generator().manual_seed(3)).nll
+    b = model.bound(x, generator=torch.Generator().manual_seed(3)).nll
+    c = model.bound(x, generator=torch.Generator().manual_seed(4)).nll
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_a_model_refuses_sampler_options_it_does_not_take():
+    models = small_models()
+    with pytest.raises(UserError, match="does not take the sampling option.*steps"):
+        models["vae"].sample(2, steps=3)
+    with pytest.raises(UserError, match="--sampler ddim does not apply to a vae"):
+        sampler_options(models["vae"], SampleConfig(sampler="ddim"))
+    assert sampler_options(models["vae"], SampleConfig()) == {}
+    assert sampler_options(models["ddpm"], SampleConfig(sampler="ddim", sampling_steps=3)) == {
+        "sampler": "ddim", "steps": 3, "eta": 0.0}
+
+
+def test_capabilities_say_what_a_model_can_do():
+    models = small_models()
+    assert models["vae"].sample_modes == ("prior", "reconstruct", "interpolate", "manifold") and models["vae"].has_iwae
+    assert models["ddpm"].sample_modes == ("prior",) and not models["ddpm"].has_iwae
+    assert models["ddpm"].per_step_terms and not models["vae"].per_step_terms
+    assert models["ddpm"].draws_images and models["vae"].draws_images
+    with pytest.raises(UserError, match="no importance-weighted"):
+        models["ddpm"].iwae_bound(torch.zeros(1, 1, 8, 8), 2)
+
+
+# -------------------------------------------------------------------------------------------- terms compose
+def _terms() -> Terms:
+    return Terms(terms={"decoder_nll": torch.tensor([1.0, 2.0]), "kl": torch.tensor([[0.5, 0.25], [1.0, 2.0]]),
+                        "prior": torch.tensor([0.125, 0.0])}, dims=4,
+                 columns={"decoder_nll": ("L_0",), "kl": ("L_1", "L_2"), "prior": ("L_T",)},
+                 steps=("decoder_nll", "kl", "prior"), extras={"mse": torch.tensor([9.0, 9.0])})
+
+
+def test_prefixed_terms_merge_into_a_larger_model_with_their_columns_and_steps():
+    prior = _terms().prefixed("prior")
+    assert list(prior.terms) == ["prior/decoder_nll", "prior/kl", "prior/prior"]
+    assert prior.columns["prior/kl"] == ("L_1", "L_2") and list(prior.extras) == ["prior/mse"]
+    outer = Terms(terms={"decoder_nll": torch.tensor([10.0, 20.0])}, dims=4)
+    whole = Terms.merge([outer, prior], dims=4)
+    torch.testing.assert_close(whole.nll, outer.nll + prior.nll)  # the negative ELBO of the whole is the sum
+    labels, values = whole.per_step()
+    assert labels == ["L_0", "L_1", "L_2", "L_T"]
+    torch.testing.assert_close(values, torch.tensor([[1.0, 0.5, 0.25, 0.125], [2.0, 1.0, 2.0, 0.0]]))
+    with pytest.raises(ValueError, match="appear in two parts"):
+        Terms.merge([outer, outer], dims=4)
+    both = Terms.cat([whole, whole])
+    assert both.columns == whole.columns and both.steps == whole.steps and both.batch_size == 4
+
+
+def test_columns_must_match_the_term_and_steps_must_exist():
+    with pytest.raises(ValueError, match="2 column"):
+        Terms(terms={"kl": torch.zeros(3, 2)}, dims=1, columns={"kl": ("L_1",)})
+    with pytest.raises(ValueError, match="do not exist"):
+        Terms(terms={"kl": torch.zeros(3)}, dims=1, steps=("prior",))
+    assert Terms(terms={"kl": torch.zeros(3, 2)}, dims=1, steps=("kl",)).per_step()[0] == ["kl[0]", "kl[1]"]
+    assert Terms(terms={"kl": torch.zeros(3)}, dims=1).per_step() is None
+
+
+def test_the_ddpm_bound_labels_its_timesteps():
+    model = small_models()["ddpm"].eval()
+    bound = model.bound(torch.zeros(2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    labels, values = bound.per_step()
+    assert labels == ["L_0", "L_1", "L_2", "L_3", "L_4", "L_T"]  # T = 5: L_0, the KLs L_1 .. L_{T-1}, L_T
+    torch.testing.assert_close(values.sum(1), bound.nll)
+
+
+def test_the_loss_says_its_unit():
+    x = torch.zeros(2, 1, 8, 8)
+    units = {}
+    for loss, var in (("simple", "fixed_large"), ("vlb", "learned"), ("hybrid", "learned")):
+        model = DDPM(DDPMConfig(data_kind="8bit", net="micro", timesteps=5, loss=loss, var_type=var), (1, 8, 8))
+        units[loss] = model.losses(x, step=0).loss_unit
+    assert units == {"simple": "mean squared error per dimension", "vlb": "bits/dim", "hybrid": "MSE + lambda bits/dim"}
+    assert small_models()["vae"].losses(torch.zeros(2, 1, 8, 8), step=0).loss_unit == "nats"
+
+
+# ----------------------------------------------------------------------------------- the data is declared
+def test_a_ddpm_must_be_told_what_its_data_is():
+    with pytest.raises(UserError, match="data_kind='auto' is resolved from the training data"):
+        DDPM(DDPMConfig(net="micro"), (1, 8, 8))
+    assert DDPM.resolve_config(DDPMConfig(), "continuous").data_kind == "continuous"
+    assert DDPM.resolve_config(DDPMConfig(data_kind="8bit"), "continuous").data_kind == "8bit"  # declared wins
+
+
+def test_a_continuous_spatial_ddpm_has_a_gaussian_l0_and_no_clipping():
+    """A DDPM over continuous (C, h, w) values (a VAE's spatial latents): U-Net, Gaussian density for L_0 (not the
+    8-bit decoder of Ho et al. eq. 13), no clipping of the predicted x_0 and no image grid."""
+    torch.manual_seed(0)
+    model = DDPM(DDPMConfig(data_kind="continuous", net="micro", timesteps=4), (2, 4, 4)).double().eval()
+    assert not model.clip_denoised and not model.draws_images
+    x = 3.0 * torch.randn(3, 2, 4, 4, dtype=torch.float64)  # far outside [-1, 1]
+    t0 = torch.zeros(3, dtype=torch.long)
+    x_1 = model.diffusion.q_sample(x, t0, torch.randn_like(x))
+    l0, out = model.diffusion.vlb_terms(model.net, x, x_1, t0, clip_denoised=model.clip_denoised)
+    expected = -Normal(out["mean"], torch.exp(0.5 * out["log_variance"])).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(l0, expected)
+    eight_bit = DDPM(DDPMConfig(data_kind="8bit", net="micro", timesteps=4), (2, 4, 4)).double().eval()
+    assert eight_bit.clip_denoised and eight_bit.diffusion.decoder == "discretized"
+    samples = model.sample(64, generator=torch.Generator().manual_seed(0))
+    assert samples.abs().max() > 1.0  # nothing clipped them into [-1, 1]
+
+
+def test_training_saves_the_resolved_data_kind(tmp_path):
+    cfg = RunConfig(model="ddpm", model_config=DDPMConfig(net="micro", timesteps=5), data=DataConfig("digits"),
+                    train=TrainConfig(steps=1, batch_size=8, device="cpu", quiet=True, final_eval_examples=0,
+                                      num_samples=4))
+    train(cfg, tmp_path / "run")
+    assert load_run_config(tmp_path / "run" / "config.toml").model_config.data_kind == "8bit"
+    import elbox
+
+    assert elbox.load(tmp_path / "run").config.data_kind == "8bit"
+
+
+# ------------------------------------------------------------------------------------------- the layering
+def test_inference_does_not_import_training():
+    code = ("import sys, elbox.api, elbox.metrics.likelihood, elbox.cli; "
+            "bad = sorted(m for m in sys.modules if m.startswith('elbox.training')); print(bad); "
+            "sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_objectives_and_samplers_do_not_import_each_other_in_a_circle():
+    imported = {m for m in re.findall(r"^from elbox\.(\w+)", (SRC / "samplers.py").read_text(), re.M)}
+    assert "objectives" not in imported
+
+
+def test_no_model_kind_branching_outside_objectives():
+    """The callers ask the model what it can do (sample_modes, draws_images, per_step_terms, has_iwae)."""
+    pattern = re.compile(r"\.kind\s*[!=]=|hasattr\(\s*model|len\([^)]*data_shape\)")
+    files = [SRC / "api.py", SRC / "cli.py", *(SRC / "metrics").glob("*.py"), *(SRC / "training").glob("*.py")]
+    offending = [f"{f.name}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
+                 if pattern.search(line)]
+    assert not offending
+
+
+def test_the_training_functions_are_short():
+    """``train()`` reads top to bottom: set-up, the step, the periodic actions and the end are named pieces."""
+    for path in (SRC / "training").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 60, f"{path.name}: {node.name} has {length} lines"
