@@ -57,10 +57,13 @@ def _field_help(cls: type) -> dict[str, str]:
     import inspect
 
     out = {}
-    try:
-        lines = inspect.getsource(cls).splitlines()
-    except OSError:
-        return out
+    lines = []
+    for klass in reversed(cls.__mro__):  # a config that extends another (LDMConfig) keeps the parent's help
+        if dataclasses.is_dataclass(klass):
+            try:
+                lines += inspect.getsource(klass).splitlines()
+            except OSError:
+                pass
     for line in lines:
         stripped = line.strip()
         if ":" in stripped and "#" in stripped and not stripped.startswith(("#", '"')):
@@ -161,10 +164,14 @@ def cmd_train(argv: list[str]) -> int:
         out = ns.out or Path("runs") / f"{base.model}-{base.data.data.replace(':', '-').replace('/', '-')}"
     if base.model != model and (given(ns, "model")):
         raise UserError(f"flags for {model} given, but the run is a {base.model}; use `elbox train {base.model} ...`")
+    model_config = _override(base.model_config, given(ns, "model"), base.model)
+    data = base.data
+    if base.model == "ldm" and ns.resume is None and not ns.config and "data" not in given(ns, "data"):
+        data = _vae_data(model_config.vae)  # latent diffusion trains on its VAE's data unless told otherwise
     cfg = RunConfig(
         model=base.model,
-        model_config=_override(base.model_config, given(ns, "model"), base.model),
-        data=_override(base.data, given(ns, "data"), "data"),
+        model_config=model_config,
+        data=_override(data, given(ns, "data"), "data"),
         train=_override(base.train, given(ns, "train"), "train"),
     )
     result = train(cfg, out, resume=ns.resume is not None)
@@ -183,6 +190,16 @@ def cmd_train(argv: list[str]) -> int:
     parts.append("wrote " + ", ".join(map(str, result.written())))
     print("elbox: " + "; ".join(parts), flush=True)
     return code
+
+
+def _vae_data(vae_run: str) -> DataConfig:
+    """The data settings the VAE run at ``vae_run`` was trained with."""
+    from elbox import checkpoint as ckpt
+
+    if not vae_run:
+        raise UserError("latent diffusion needs a trained VAE: `elbox train ldm --vae RUN_OF_A_VAE`")
+    desc = ckpt.load_checkpoint(vae_run, with_training_state=False).description
+    return build_dataclass(DataConfig, desc.get("data", {}), "data")
 
 
 def cmd_sample(argv: list[str]) -> int:
@@ -218,8 +235,9 @@ def cmd_evaluate(argv: list[str]) -> int:
     name = "-log p(x) (IWAE, K=%d)" % result.k if result.metric == "nll" else "negative ELBO"
     print(f"{name} on {result.examples} held-out examples of {result.dims} dims:")
     print(f"  {result.nats:.3f} ± {result.nats_stderr:.3f} nats/example   {result.bpd:.4f} ± {result.bpd_stderr:.4f} bits/dim")
+    width = max((len(term) for term in result.terms), default=0)
     for term, value in result.terms.items():
-        print(f"  {term:>12}: {value:.3f} nats/example")
+        print(f"  {term:>{width}}: {value:.3f} nats/example")
     if cfg.per_step:
         print(f"  per-timestep terms written to {cfg.per_step}")
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import tomllib
 import types
 import typing
@@ -21,12 +20,14 @@ import tomli_w
 
 from elbox.errors import UserError
 from elbox.objectives.ddpm import DDPM, DDPMConfig
+from elbox.objectives.latent import LDM, LDMConfig
 from elbox.objectives.vae import VAE, VAEConfig
 
 #: Every ELBO model elbox can train, by name: (its config dataclass, its class).
 MODELS: dict[str, tuple[type, type]] = {
     "ddpm": (DDPMConfig, DDPM),
     "vae": (VAEConfig, VAE),
+    "ldm": (LDMConfig, LDM),
 }
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -114,7 +115,7 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved type annotation of every field of a config dataclass."""
-    hints = typing.get_type_hints(cls, vars(inspect.getmodule(cls)))
+    hints = typing.get_type_hints(cls)  # each base class's annotations in its own module
     return {f.name: hints[f.name] for f in fields(cls)}
 
 

@@ -84,7 +84,11 @@ def stage_sizes(size: tuple[int, int], stages: int) -> list[tuple[int, int]]:
 
 
 class ConvEncoder(nn.Module):
-    """x (B, C, H, W) -> (mu, logvar), each (B, latent_dim); one stride-2 stage per entry of ``channels``."""
+    """x (B, C, H, W) -> (mu, logvar), each (B, latent_dim); one stride-2 stage per entry of ``channels``.
+
+    With ``latent_channels`` > 0 the latent is spatial instead: (mu, logvar) each (B, latent_channels, h, w) at the
+    last stage's size, from a 1x1 convolution (the latents of latent diffusion, Rombach et al. 2022).
+    """
 
     def __init__(
         self,
@@ -93,6 +97,7 @@ class ConvEncoder(nn.Module):
         latent_dim: int,
         res_blocks: int = 1,
         activation: str = "silu",
+        latent_channels: int = 0,
     ) -> None:
         super().__init__()
         c, h, w = in_shape
@@ -105,15 +110,21 @@ class ConvEncoder(nn.Module):
         layers.append(ACTIVATIONS[activation]())
         self.features = nn.Sequential(*layers)
         fh, fw = stage_sizes((h, w), len(channels))[-1]
-        self.head = nn.Linear(prev * fh * fw, 2 * latent_dim)
+        self.spatial = latent_channels > 0
+        if self.spatial:
+            self.head = nn.Conv2d(prev, 2 * latent_channels, 1)
+        else:
+            self.head = nn.Linear(prev * fh * fw, 2 * latent_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, logvar = self.head(self.features(x).flatten(1)).chunk(2, dim=1)
+        h = self.features(x)
+        mu, logvar = self.head(h if self.spatial else h.flatten(1)).chunk(2, dim=1)
         return mu, logvar
 
 
 class ConvDecoder(nn.Module):
-    """z (B, latent_dim) -> raw parameters (B, out_channels, H, W): the mirror image of ``ConvEncoder``.
+    """z (B, latent_dim) -> raw parameters (B, out_channels, H, W): the mirror image of ``ConvEncoder`` (z of shape
+    (B, latent_channels, h, w) with ``latent_channels`` > 0).
 
     Each stage doubles the size with a stride-2 transposed convolution whose ``output_padding`` (0 or 1) recovers
     the encoder's size exactly, so any H and W come back.
@@ -126,12 +137,17 @@ class ConvDecoder(nn.Module):
         out_shape: tuple[int, int, int],
         res_blocks: int = 1,
         activation: str = "silu",
+        latent_channels: int = 0,
     ) -> None:
         super().__init__()
         out_channels, h, w = out_shape
         sizes = stage_sizes((h, w), len(channels))
         self.start = (channels[-1], *sizes[-1])
-        self.head = nn.Linear(latent_dim, math.prod(self.start))
+        self.spatial = latent_channels > 0
+        if self.spatial:
+            self.head = nn.Conv2d(latent_channels, channels[-1], 1)
+        else:
+            self.head = nn.Linear(latent_dim, math.prod(self.start))
         layers: list[nn.Module] = []
         widths = list(reversed(channels))
         for i, ch in enumerate(widths):
@@ -146,7 +162,7 @@ class ConvDecoder(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.body(self.head(z).view(z.shape[0], *self.start))
+        return self.body(self.head(z) if self.spatial else self.head(z).view(z.shape[0], *self.start))
 
 
 class MaskedConv2d(nn.Conv2d):

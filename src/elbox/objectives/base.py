@@ -53,6 +53,10 @@ class ELBOModel(nn.Module):
         "continuous" values); the trainer calls it before building the model and saves the result."""
         return config
 
+    def initialize(self, x: Tensor) -> None:
+        """Called by the trainer once, before the first step of a new run (not on a resume), with a batch of
+        training data in the model's range: a model built on another trained model loads it here."""
+
     @property
     def data_range(self) -> str:
         """How uint8 data maps into this model: "symmetric" ([-1, 1]), "unit" ([0, 1]) or "binary" ({0, 1})."""

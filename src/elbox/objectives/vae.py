@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from elbox import draws
 from elbox.errors import UserError
-from elbox.nets.vae_nets import ACTIVATIONS, ARContext, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from elbox.nets.vae_nets import ACTIVATIONS, ARContext, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder, stage_sizes
 from elbox.objectives.base import ELBOModel
 from elbox.objectives.decoders import DECODERS, build_likelihood
 from elbox.objectives.gaussian import standard_normal_kl
@@ -68,6 +68,7 @@ class VAEConfig:
 
     arch: Arch = "mlp"  # networks: mlp (Kingma & Welling; any shape), conv (images), conv-mlp (conv enc., mlp dec.)
     latent_dim: int = 50  # the size of z
+    latent_channels: int = 0  # arch conv: a spatial z of this many channels at the last stage's size (0: a vector z)
     hidden: tuple[int, ...] = (500, 500)  # mlp hidden layer sizes (the decoder mirrors them)
     conv_channels: tuple[int, ...] = (32, 64)  # conv widths, one stride-2 stage each (the decoder mirrors them)
     res_blocks: int = 1  # conv residual blocks per stage
@@ -95,6 +96,10 @@ class VAEConfig:
         assert set(typing.get_args(Arch)) == set(ARCHS)
         if self.latent_dim < 1:
             raise UserError(f"latent_dim={self.latent_dim} is not allowed; use an integer >= 1")
+        if self.latent_channels < 0:
+            raise UserError(f"latent_channels={self.latent_channels} is not allowed; use 0 (a vector z) or >= 1")
+        if self.latent_channels and self.arch != "conv":
+            raise UserError(f"latent_channels={self.latent_channels} (a spatial z) needs arch='conv'; got {self.arch!r}")
         if any(h < 1 for h in self.hidden):
             raise UserError(f"hidden={list(self.hidden)} is not allowed; every hidden size must be >= 1")
         if not self.conv_channels or any(c < 1 for c in self.conv_channels):
@@ -125,7 +130,7 @@ def _mlp_encoder(c: VAEConfig, data_shape: tuple[int, ...]) -> nn.Module:
 
 
 def _conv_encoder(c: VAEConfig, data_shape: tuple[int, ...]) -> nn.Module:
-    return ConvEncoder(data_shape, c.conv_channels, c.latent_dim, c.res_blocks, c.activation)
+    return ConvEncoder(data_shape, c.conv_channels, c.latent_dim, c.res_blocks, c.activation, c.latent_channels)
 
 
 def _mlp_decoder(c: VAEConfig, out_shape: tuple[int, ...]) -> nn.Module:
@@ -133,7 +138,7 @@ def _mlp_decoder(c: VAEConfig, out_shape: tuple[int, ...]) -> nn.Module:
 
 
 def _conv_decoder(c: VAEConfig, out_shape: tuple[int, ...]) -> nn.Module:
-    return ConvDecoder(c.latent_dim, c.conv_channels, out_shape, c.res_blocks, c.activation)
+    return ConvDecoder(c.latent_dim, c.conv_channels, out_shape, c.res_blocks, c.activation, c.latent_channels)
 
 
 #: ``VAEConfig.arch`` -> (encoder builder (config, data shape), decoder builder (config, output shape))
@@ -179,7 +184,16 @@ class VAE(ELBOModel):
 
     @property
     def latent_dim(self) -> int:
-        return self.config.latent_dim
+        """The number of latent dimensions (of a spatial z: channels x height x width)."""
+        return math.prod(self.latent_shape)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape of one z: (latent_dim,), or (latent_channels, h, w) for a spatial z."""
+        c = self.config
+        if not c.latent_channels:
+            return (c.latent_dim,)
+        return (c.latent_channels, *stage_sizes(self.data_shape[1:], len(c.conv_channels))[-1])
 
     # ---- the pieces of the bound ---------------------------------------------------------------------------
 
@@ -191,7 +205,7 @@ class VAE(ELBOModel):
         self.likelihood.check_data(x)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The parameters (mu, log sigma^2) of q_phi(z|x), each of shape (B, latent_dim)."""
+        """The parameters (mu, log sigma^2) of q_phi(z|x), each of shape (B, *latent_shape)."""
         return self.encoder(x)
 
     def decoder_params(self, z: Tensor) -> Tensor:
@@ -251,7 +265,7 @@ class VAE(ELBOModel):
         eps = draws.randn_like(mu) if generator is None else draws.randn_from(generator, mu.shape, mu.device, mu.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps
         # KL(N(mu, sigma^2) || N(0, 1)) = -1/2 sum(1 + log sigma^2 - mu^2 - sigma^2), K&W appendix B
-        kl = standard_normal_kl(mu, logvar).sum(1)
+        kl = standard_normal_kl(mu, logvar).flatten(1).sum(1)
         return {"decoder_nll": -self.log_px_given_z(x, z), "kl": kl}
 
     def losses(self, x: Tensor, *, step: int) -> Terms:
@@ -290,11 +304,11 @@ class VAE(ELBOModel):
         while done < k:
             c = min(chunk, k - done)
             eps = draws.randn_from(generator, (c, *mu.shape), mu.device, mu.dtype)
-            z = mu + std * eps  # (c, B, L)
+            z = mu + std * eps  # (c, B, *latent_shape)
             # log p(z) - log q(z|x); the 1/2 log 2 pi terms cancel, and (z - mu)/sigma is eps itself
-            log_prior_ratio = (-0.5 * z**2 + 0.5 * eps**2 + 0.5 * logvar).sum(-1)
+            log_prior_ratio = (-0.5 * z**2 + 0.5 * eps**2 + 0.5 * logvar).flatten(2).sum(-1)
             x_rep = x.unsqueeze(0).expand(c, *x.shape).reshape(c * b, *x.shape[1:])
-            params = self.decoder(z.reshape(c * b, -1))
+            params = self.decoder(z.reshape(c * b, *mu.shape[1:]))
             if context is not None:
                 params = (params.view(c, b, *params.shape[1:]) + context).flatten(0, 1)
             log_px = self.likelihood.log_prob(params, x_rep).flatten(1).sum(1).view(c, b)
@@ -310,7 +324,7 @@ class VAE(ELBOModel):
         self.check_sampler_options(sampler_options)
         with torch.no_grad():
             p = next(self.parameters())
-            z = draws.randn_from(generator, (n, self.latent_dim), p.device, p.dtype)
+            z = draws.randn_from(generator, (n, *self.latent_shape), p.device, p.dtype)
             return self.decode(z, generator=generator)
 
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -334,8 +348,9 @@ class VAE(ELBOModel):
             self._check(x1)
             self._check(x2)
             m1, m2 = self.encode(x1)[0], self.encode(x2)[0]
-            t = torch.linspace(0.0, 1.0, steps, dtype=m1.dtype, device=m1.device).view(1, steps, 1)
-            z = (1 - t) * m1.unsqueeze(1) + t * m2.unsqueeze(1)  # (B, steps, L)
+            t = torch.linspace(0.0, 1.0, steps, dtype=m1.dtype, device=m1.device)
+            t = t.view(1, steps, *([1] * len(self.latent_shape)))
+            z = (1 - t) * m1.unsqueeze(1) + t * m2.unsqueeze(1)  # (B, steps, *latent_shape)
             out = self.decode(z.flatten(0, 1)).view(x1.shape[0], steps, *self.data_shape)
             return out[0] if single else out
 
@@ -352,9 +367,10 @@ class VAE(ELBOModel):
             p = next(self.parameters())
             if self.latent_dim == 1:
                 u = (torch.arange(n * n, dtype=p.dtype, device=p.device) + 0.5) / (n * n)
-                return self.decode(torch.special.ndtri(u)[:, None], generator=generator)
+                z = torch.special.ndtri(u).view(n * n, *self.latent_shape)
+                return self.decode(z, generator=generator)
             u = (torch.arange(n, dtype=p.dtype, device=p.device) + 0.5) / n
             rows, cols = torch.meshgrid(torch.special.ndtri(u), torch.special.ndtri(u), indexing="ij")
             z = torch.zeros((n * n, self.latent_dim), dtype=p.dtype, device=p.device)
             z[:, 0], z[:, 1] = cols.flatten(), -rows.flatten()  # first dimension left to right, second bottom to top
-            return self.decode(z, generator=generator)
+            return self.decode(z.view(n * n, *self.latent_shape), generator=generator)

@@ -64,7 +64,7 @@ from elbox.training.outputs import (
     write_reconstructions,
     write_samples,
 )
-from elbox.training.session import Run, check_setup, set_up
+from elbox.training.session import DATA_KINDS, Run, check_setup, resolve, set_up
 
 
 @dataclass
@@ -99,8 +99,12 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
     folder: RunFolder | None = None
     try:
         check_setup(cfg.train, info)  # before anything is written
+        # What the data is (8-bit images or continuous vectors) settles the model's "auto" choices; a mistake in
+        # the data or the model's settings stops here, before the run folder exists.
+        dataset = cfg.data.load("train")
+        cfg = resolve(cfg, DATA_KINDS[dataset.kind])
         folder = from_main(lambda: RunFolder(out, cfg, resume), info, share=False)
-        run = set_up(cfg, out, folder, info, resume)  # data, model, optimizer, EMA; a resume puts them back
+        run = set_up(cfg, dataset, out, folder, info, resume)  # model, optimizer, EMA; a resume puts them back
         loop = _loop(run)
         return _finish(run, loop)
     except OSError as e:

@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from elbox import __version__
 from elbox import checkpoint as ckpt
 from elbox.config import MODELS, RunConfig, TrainConfig
-from elbox.data import InMemoryLoader
-from elbox.data.dataset import derive_seed
+from elbox.data import InMemoryLoader, to_model
+from elbox.data.dataset import Dataset, derive_seed
 from elbox.errors import UserError
 from elbox.objectives.base import ELBOModel
 from elbox.training.distributed import DistInfo, from_main, gather
@@ -97,16 +97,13 @@ class Run:  # pragma: no mutate block
         return self.last_checkpoint
 
 
-def set_up(cfg: RunConfig, out: Path, folder: RunFolder | None, info: DistInfo, resume: bool) -> Run:  # pragma: no mutate block
-    """Data, model, optimizer and EMA for this process, put back as the latest checkpoint left them on a resume."""
+def set_up(cfg: RunConfig, dataset: Dataset, out: Path, folder: RunFolder | None, info: DistInfo,
+           resume: bool) -> Run:  # pragma: no mutate block
+    """Loader, model, optimizer and EMA for this process, put back as the latest checkpoint left them on a resume.
+    ``cfg`` is resolved (``resolve``) for ``dataset``, the training split."""
     t = cfg.train
-    rank_batch = check_setup(t, info)
-    # 1. Data: every data set is uint8 in memory. Each rank's loader yields its share of each step's batch. What
-    #    the data is (8-bit images or continuous vectors) settles the model's "auto" choices.
-    dataset = cfg.data.load("train")
-    cfg = resolve(cfg, DATA_KINDS[dataset.kind])
-    if folder is not None and not resume:
-        folder.write_config(cfg)
+    rank_batch = t.batch_size // info.world_size  # check_setup has made sure that it divides
+    # 1. Data: every data set is uint8 in memory. Each rank's loader yields its share of each step's batch.
     loader = InMemoryLoader(dataset.data, rank_batch, shuffle=True, drop_last=True, seed=t.seed,
                             hflip=cfg.data.hflip, rank=info.rank, world_size=info.world_size, device=info.device)
 
@@ -115,6 +112,10 @@ def set_up(cfg: RunConfig, out: Path, folder: RunFolder | None, info: DistInfo, 
         torch.set_float32_matmul_precision("high")  # TF32 matmuls (and cuDNN convolutions, its default)
     torch.manual_seed(t.seed)
     model = build_model(cfg, dataset.shape).to(info.device)
+    state = from_main(lambda: _read_latest(out), info) if resume else None
+    if state is None:  # a new run: a model built on another trained model (latent diffusion's VAE) loads it now
+        model.initialize(to_model(dataset.data[:512], model.data_range,
+                                  generator=torch.Generator().manual_seed(t.seed)).to(info.device))
     if t.channels_last:  # only 4-D weights (convolutions) change layout
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -126,7 +127,6 @@ def set_up(cfg: RunConfig, out: Path, folder: RunFolder | None, info: DistInfo, 
 
     # 3. Resume: weights, EMA, optimizer, step, data position and RNG states, all from the latest checkpoint.
     if resume:
-        state = from_main(lambda: _read_latest(out), info)
         if state is not None:
             run.step = _restore(state, run)
         if folder is not None:

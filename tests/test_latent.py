@@ -1,0 +1,159 @@
+"""Latent diffusion (objectives/latent.py): a DDPM prior over a frozen VAE's latents, and its bound
+
+    -log p(x) <= E_q[-log p(x|z)] - H[q(z|x)] + E_q[L_DDPM(s z)] - d log s      (LSGM's cross-entropy form)
+
+checked on a linear-Gaussian model whose log p(x) is known in closed form, with a DDPM prior that is exactly right
+for its latents: the reverse process of Gaussian data N(0, v I) is Gaussian, with the mean and variance below."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_vae import linear_gaussian_vae
+from torch import nn
+from torch.distributions import MultivariateNormal
+
+from elbox.objectives.latent import LDM, LDMConfig
+from elbox.objectives.vae import VAE, VAEConfig
+
+
+class ExactGaussianDenoiser(nn.Module):
+    """The Bayes-optimal eps-prediction and variance for data x_0 ~ N(0, v I) (cosine schedule, learned Sigma).
+
+    x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps has variance V_t = abar v + 1 - abar, so E[eps | x_t] =
+    sqrt(1 - abar) x_t / V_t; and q(x_{t-1} | x_t) = N(., V_{t-1} beta_t / V_t) (x_{t-1} ~ N(0, V_{t-1})), whose
+    log-variance the network gives as the interpolation value of Nichol & Dhariwal eq. 15.
+    """
+
+    def __init__(self, diffusion, v: float, eps_gain: float = 1.0) -> None:
+        super().__init__()
+        self.d, self.v, self.eps_gain = diffusion, v, eps_gain
+
+    def forward(self, x_t, t):
+        d = self.d
+        abar = d.alphas_cumprod[t].to(x_t.dtype)[:, None]
+        abar_prev = d.alphas_cumprod_prev[t].to(x_t.dtype)[:, None]
+        var_t, var_prev = abar * self.v + 1 - abar, abar_prev * self.v + 1 - abar_prev
+        eps = self.eps_gain * torch.sqrt(1 - abar) * x_t / var_t
+        log_var = torch.log(var_prev * d.betas[t].to(x_t.dtype)[:, None] / var_t)
+        lo, hi = d.posterior_log_variance_clipped[t].to(x_t.dtype)[:, None], d.log_betas[t].to(x_t.dtype)[:, None]
+        frac = (log_var - lo) / (hi - lo)
+        return torch.cat([eps, (2 * frac - 1).expand_as(eps)], dim=1)
+
+
+def ldm_over(vae: VAE, scale: float, eps_gain: float = 1.0, timesteps: int = 40) -> LDM:
+    config = LDMConfig(timesteps=timesteps, schedule="cosine", latent_scale=scale, net="mlp")
+    model = LDM(config, vae.data_shape, vae=vae).double()
+    model.prior.net = ExactGaussianDenoiser(model.prior.diffusion, v=scale**2, eps_gain=eps_gain)
+    return model.eval()
+
+
+def mean_bound(model, x, draws=2000, seed=0):
+    """The bound of each example of x averaged over ``draws`` independent draws (of z and of every x_t), and its
+    standard error: x repeated, in one batch."""
+    nll = model.bound(x.repeat(draws, 1), generator=torch.Generator().manual_seed(seed)).nll.view(draws, len(x))
+    return nll.mean(0), nll.std(0) / math.sqrt(draws)
+
+
+def exact_posterior_linear_gaussian(sigma=0.5):
+    """x = W z + b + sigma eps with orthogonal columns of W, so p(z|x) is diagonal and the encoder can be exact:
+    the VAE's bound is then log p(x) itself (in expectation)."""
+    vae = VAE(VAEConfig(hidden=(), latent_dim=2, decoder="gaussian", decoder_sigma=sigma), (3,)).double()
+    w = torch.tensor([[1.0, -0.5], [0.5, 1.0], [0.0, 0.6]], dtype=torch.float64)  # w1 . w2 = 0
+    b = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64)
+    s = torch.linalg.inv(torch.eye(2, dtype=torch.float64) + w.T @ w / sigma**2)
+    gain = s @ w.T / sigma**2
+    with torch.no_grad():
+        vae.decoder.net[0].weight.copy_(w)
+        vae.decoder.net[0].bias.copy_(b)
+        vae.encoder.net[0].weight.copy_(torch.cat([gain, torch.zeros(2, 3, dtype=torch.float64)]))
+        vae.encoder.net[0].bias.copy_(torch.cat([-gain @ b, torch.log(torch.diagonal(s))]))
+    return vae, MultivariateNormal(b, w @ w.T + sigma**2 * torch.eye(3, dtype=torch.float64))
+
+
+def test_with_the_exact_prior_and_posterior_the_bound_is_the_true_nll_and_the_scale_enters_by_its_jacobian():
+    """An exact encoder and a DDPM prior exact for s z ~ N(0, s^2 I): E[bound] = -log p(x) in closed form. With
+    s = 0.6 the log-Jacobian is d log s = -1.02 nats: leaving it out would miss by that much."""
+    torch.manual_seed(0)
+    vae, p_x = exact_posterior_linear_gaussian()
+    x = p_x.sample((6,))
+    nll = -p_x.log_prob(x)
+    for scale in (1.0, 0.6):
+        mean, se = mean_bound(ldm_over(vae, scale), x)
+        assert torch.all((mean - nll).abs() < 5 * se + 1e-3), (scale, mean - nll, se)
+        assert torch.all(se < 0.1)  # a test that could see a 1-nat error
+    worse, se = mean_bound(ldm_over(vae, 0.6, eps_gain=0.7), x)  # a prior that is off: a looser bound
+    assert torch.all(worse - nll > 5 * se) and (worse - nll).mean() > 0.3
+
+
+def test_a_prior_that_matches_n01_gives_the_vaes_own_bound():
+    """The same frozen VAE (an inexact encoder: its bound is 0.66 nats loose), its KL replaced by the cross-entropy
+    against a DDPM that is exactly N(0, I): the same bound, in expectation."""
+    vae, p_x, _ = linear_gaussian_vae()
+    x = p_x.sample((6,))
+    ldm, vae_bound = mean_bound(ldm_over(vae, 1.0), x), mean_bound(vae, x, draws=4000)
+    assert torch.all((ldm[0] - vae_bound[0]).abs() < 5 * torch.sqrt(ldm[1] ** 2 + vae_bound[1] ** 2))
+    assert torch.all(ldm[0] > -p_x.log_prob(x) + 0.3)  # and, like it, above the true -log p(x)
+
+
+def test_the_terms_of_the_bound():
+    torch.manual_seed(0)
+    vae, _ = exact_posterior_linear_gaussian()
+    model = ldm_over(vae, 0.6, timesteps=5)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    terms = model.bound(x, generator=torch.Generator().manual_seed(0))
+    assert list(terms.terms) == ["decoder_nll", "neg_entropy", "log_scale", "prior/decoder_nll", "prior/kl",
+                                 "prior/prior"]
+    torch.testing.assert_close(terms.terms["log_scale"], torch.full((4,), -2 * math.log(0.6), dtype=torch.float64))
+    _, logvar = vae.encode(x)
+    entropy = MultivariateNormal(torch.zeros(2, dtype=torch.float64), torch.diag_embed(logvar.exp())).entropy()
+    torch.testing.assert_close(terms.terms["neg_entropy"], -entropy)
+    labels, _ = terms.per_step()
+    assert labels == ["L_0", "L_1", "L_2", "L_3", "L_4", "L_T"] and terms.dims == 3
+
+
+def test_training_draws_z_from_q_and_trains_only_the_prior():
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(hidden=(16,), latent_dim=4, decoder="gaussian"), (6,))
+    model = LDM(LDMConfig(timesteps=10, latent_scale=0.5), (6,), vae=vae)
+    x = torch.randn(512, 6)
+    seen = {}
+    original = model.prior.losses
+
+    def spy(z, *, step):
+        seen["z"] = z
+        return original(z, step=step)
+
+    model.prior.losses = spy
+    model.losses(x, step=0).loss.mean().backward()
+    mu, logvar = vae.encode(x)
+    eps = (seen["z"] / 0.5 - mu) / torch.exp(0.5 * logvar)
+    assert 0.9 < float(eps.std()) < 1.1 and abs(float(eps.mean())) < 0.1  # a draw z ~ q(z|x), not the mean
+    assert all(p.grad is None for p in model.vae.parameters())  # frozen
+    assert all(p.grad is not None for p in model.prior.parameters())
+    model.train()
+    assert not model.vae.training
+
+
+def test_a_spatial_latent_gets_a_unet_prior():
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(arch="conv", conv_channels=(8, 8), latent_channels=2, decoder="discretized-logistic"),
+              (1, 8, 8))
+    assert vae.latent_shape == (2, 2, 2)
+    model = LDM(LDMConfig(timesteps=4, net="micro", latent_scale=1.0), (1, 8, 8), vae=vae)
+    assert not model.prior.clip_denoised and model.prior.diffusion.decoder == "continuous"
+    x = torch.randint(0, 256, (3, 1, 8, 8)).float().div(127.5).sub(1)
+    terms = model.bound(x, generator=torch.Generator().manual_seed(0))
+    assert terms.nll.shape == (3,) and torch.isfinite(terms.nll).all()
+    assert model.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)
+
+
+def test_the_vae_is_described_in_the_config_so_a_checkpoint_is_complete():
+    config = LDMConfig(vae_config=json.dumps({"config": {"latent_dim": 3, "hidden": [8]}, "data_shape": [5]}))
+    model = LDM(config, (5,))
+    assert model.vae.latent_shape == (3,) and model.prior.data_shape == (3,)
+    with pytest.raises(Exception, match="needs a trained VAE"):
+        LDM(LDMConfig(), (5,))
+    with pytest.raises(Exception, match="shape"):
+        LDM(config, (6,))
