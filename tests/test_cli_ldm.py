@@ -39,6 +39,10 @@ def test_train_evaluate_sample_a_latent_diffusion_model(tmp_path, elbox_cli, vae
     steps = json.loads((tmp_path / "steps.json").read_text())
     assert steps["labels"] == ["L_0", *[f"L_{t}" for t in range(1, 10)], "L_T"]
 
+    n = elbox_cli("evaluate", run, "--metric", "nll", "--k", "3", "--examples", "8", "--json")
+    assert n.returncode == 0, n.stderr
+    assert json.loads(n.stdout)["metric"] == "nll" and json.loads(n.stdout)["k"] == 3
+
     # the checkpoint is complete: the VAE's weights and description travel with it
     shutil.move(vae_run, tmp_path / "elsewhere")
     model = elbox.load(run)

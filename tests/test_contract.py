@@ -16,6 +16,7 @@ from torch.distributions import Normal
 from elbox.api import sampler_options
 from elbox.config import MODELS, DataConfig, RunConfig, SampleConfig, TrainConfig, load_run_config
 from elbox.errors import UserError
+from elbox.objectives.base import ELBOModel
 from elbox.objectives.ddpm import DDPM, DDPMConfig
 from elbox.objectives.terms import Terms
 from elbox.objectives.vae import VAE, VAEConfig
@@ -78,11 +79,16 @@ def test_a_model_refuses_sampler_options_it_does_not_take():
 def test_capabilities_say_what_a_model_can_do():
     models = small_models()
     assert models["vae"].sample_modes == ("prior", "reconstruct", "interpolate", "manifold") and models["vae"].has_iwae
-    assert models["ddpm"].sample_modes == ("prior",) and not models["ddpm"].has_iwae
+    assert models["ddpm"].sample_modes == ("prior",) and models["ddpm"].has_iwae
     assert models["ddpm"].per_step_terms and not models["vae"].per_step_terms
     assert models["ddpm"].draws_images and models["vae"].draws_images
-    with pytest.raises(UserError, match="no importance-weighted"):
-        models["ddpm"].iwae_bound(torch.zeros(1, 1, 8, 8), 2)
+
+    class Bare(ELBOModel):
+        kind = "bare"
+
+    assert not Bare.has_iwae and Bare.sample_modes == ("prior",) and not Bare.per_step_terms
+    with pytest.raises(UserError, match="a bare has no importance-weighted"):
+        Bare(None, (1,)).iwae_bound(torch.zeros(1, 1), 2)
 
 
 # -------------------------------------------------------------------------------------------- terms compose

@@ -157,3 +157,37 @@ def test_the_vae_is_described_in_the_config_so_a_checkpoint_is_complete():
         LDM(LDMConfig(), (5,))
     with pytest.raises(Exception, match="shape"):
         LDM(config, (6,))
+
+
+# ------------------------------------------------------------------------ importance weights over trajectories
+def test_trajectory_weights_average_to_the_bound_and_to_the_likelihood():
+    """E[-log w] over trajectories is the DDPM's bound (Ho eq. 5 is its Rao-Blackwellised form); E[w] is p(x_0), so
+    for a prior that is exactly right the weight is p(x_0) itself on every trajectory (up to q(x_T) vs N(0, I))."""
+    torch.manual_seed(0)
+    vae, p_x = exact_posterior_linear_gaussian()
+    prior = ldm_over(vae, 0.6, eps_gain=0.7, timesteps=20).prior  # an inexact prior over 2-D values
+    z = torch.randn(5, 2, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    log_w = prior.trajectory_log_weight(z.repeat(4000, 1), generator=g).view(4000, 5)
+    bound = prior.bound(z.repeat(4000, 1), generator=g).nll.view(4000, 5)
+    se = torch.sqrt(log_w.var(0) / 4000 + bound.var(0) / 4000)
+    assert torch.all((-log_w.mean(0) - bound.mean(0)).abs() < 5 * se), (-log_w.mean(0) - bound.mean(0), se)
+    exact = ldm_over(vae, 0.6, timesteps=40).prior
+    log_w = exact.trajectory_log_weight(z.repeat(50, 1), generator=g).view(50, 5)
+    true = torch.distributions.Normal(0.0, 0.6).log_prob(z).sum(1)
+    assert torch.all(log_w.std(0) < 0.02) and torch.all((log_w.mean(0) - true).abs() < 0.02)
+
+
+def test_the_ldm_importance_weighted_estimate_is_a_bound_that_tightens_to_log_px():
+    """With the inexact encoder (its ELBO 0.66 nats loose) and an exact prior, weights over (z, trajectory) give
+    IWAE estimates that rise with K to log p(x) (Burda et al. theorem 1), never above it on average."""
+    vae, p_x, _ = linear_gaussian_vae()
+    model = ldm_over(vae, 0.6, timesteps=20)
+    x = p_x.sample((4,))
+    log_px = p_x.log_prob(x)
+    g = torch.Generator().manual_seed(0)
+    k1 = torch.stack([model.iwae_bound(x, 1, generator=g) for _ in range(300)])
+    elbo, _ = mean_bound(model, x)
+    assert torch.all((k1.mean(0) + elbo).abs() < 5 * k1.std(0) / math.sqrt(300) + 0.02)  # L_1 is the ELBO
+    k500 = model.iwae_bound(x, 500, generator=g, chunk=100)
+    assert torch.all((k500 - log_px).abs() < 0.1) and torch.all(k500 > k1.mean(0) + 0.3)

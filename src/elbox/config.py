@@ -237,7 +237,7 @@ class SampleConfig:
 class EvaluateConfig:
     """What ``elbox evaluate`` measures, on which held-out data."""
 
-    metric: Literal["bpd", "elbo", "nll"] = "bpd"  # bpd/elbo: the full negative ELBO; nll: IWAE estimate (VAE)
+    metric: Literal["bpd", "elbo", "nll"] = "bpd"  # bpd/elbo: the full negative ELBO; nll: importance-weighted -log p(x)
     k: int = 5000  # importance samples for --metric nll (Burda et al.: 5000)
     examples: int = 0  # evaluate on the first N held-out examples (0: all)
     split: Literal["test", "train"] = "test"  # which split

@@ -31,7 +31,8 @@ from elbox.objectives.diffusion import (
     VarType,
     beta_schedule,
 )
-from elbox.objectives.terms import Terms, bits_per_dim
+from elbox.objectives.gaussian import gaussian_log_prob
+from elbox.objectives.terms import Terms, bits_per_dim, log_mean_exp_in_chunks
 from elbox.samplers import ancestral_sample, ddim_sample
 
 Sampler = Literal["ancestral", "ddim"]
@@ -74,6 +75,7 @@ class DDPM(ELBOModel):
     kind = "ddpm"
     sampler_options = ("sampler", "steps", "eta", "progress")
     per_step_terms = True
+    has_iwae = True
 
     def __init__(self, config: DDPMConfig, data_shape: tuple[int, ...]) -> None:
         super().__init__(config, data_shape)
@@ -168,6 +170,44 @@ class DDPM(ELBOModel):
                 columns["kl"] = tuple(f"L_{t}" for t in range(1, len(per_step)))
             terms["prior"] = d.prior_kl(x).float()
             return Terms(terms=terms, dims=self.dims, columns=columns, steps=tuple(terms))
+
+    def trajectory_log_weight(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """log p_theta(x_{0:T}) - log q(x_{1:T} | x_0) for one forward trajectory x_{1:T} ~ q( . | x_0), in nats, (B,).
+
+        Its exponential is an unbiased estimate of p_theta(x_0): E_q[p_theta(x_{0:T}) / q(x_{1:T} | x_0)] =
+        integral of p_theta(x_{0:T}) over x_{1:T} = p_theta(x_0). So a log-mean-exp of K of them is a lower bound on
+        log p_theta(x_0) that tightens as K grows (Burda et al. 2016, with whole trajectories as the latent), and
+        its K = 1 expectation is minus the bound of Ho et al. eq. 5 (which ``bound`` computes term by term, each
+        KL in closed form). The trajectory is drawn step by step and scored as it goes: two x_t in memory.
+        """
+        with torch.no_grad():
+            d = self.diffusion
+            log_w = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            x_prev = x
+            for i in range(d.num_timesteps):  # index i: the paper's t = i + 1
+                t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+                noise = draws.randn_from(generator, x.shape, x.device, x.dtype)
+                # q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I), Ho et al. eq. 2
+                mean_q = d._extract(torch.sqrt(1.0 - d.betas), t, x) * x_prev
+                log_beta = d._extract(d.log_betas, t, x).expand_as(x)
+                x_t = mean_q + torch.exp(0.5 * log_beta) * noise
+                log_w -= d._sum_dims(gaussian_log_prob(x_t, mean_q, log_beta)).double()
+                # p_theta(x_{t-1} | x_t): the decoder L_0 at t = 1 (discretized for 8-bit data), a Gaussian after
+                out = d.p_mean_variance(self.net, x_t, t, clip_denoised=self.clip_denoised)
+                if i == 0:
+                    log_w -= d.decoder_nll(x, out["mean"], out["log_variance"]).double()
+                else:
+                    log_w += d._sum_dims(gaussian_log_prob(x_prev, out["mean"], out["log_variance"])).double()
+                x_prev = x_t
+            # p(x_T) = N(0, I)
+            log_w += d._sum_dims(gaussian_log_prob(x_prev, torch.zeros_like(x_prev), torch.zeros_like(x_prev))).double()
+            return log_w
+
+    def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None, chunk: int = 16) -> Tensor:
+        """log p_theta(x_0) estimated with k importance-weighted trajectories (``trajectory_log_weight``), (B,)."""
+        return log_mean_exp_in_chunks(lambda n: self.trajectory_log_weight(x.repeat(n, *([1] * (x.dim() - 1))),
+                                                                         generator=generator).view(n, x.shape[0]),
+                                      k, chunk)
 
     # ------------------------------------------------------------------------------------------ sampling
     def sample(

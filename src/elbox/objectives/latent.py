@@ -35,8 +35,8 @@ from elbox import draws
 from elbox.errors import UserError
 from elbox.objectives.base import ELBOModel
 from elbox.objectives.ddpm import DDPM, DataKind, DDPMConfig, Sampler
-from elbox.objectives.gaussian import LOG_2PI
-from elbox.objectives.terms import Terms
+from elbox.objectives.gaussian import LOG_2PI, gaussian_log_prob
+from elbox.objectives.terms import Terms, log_mean_exp_in_chunks
 from elbox.objectives.vae import VAE, VAEConfig
 
 
@@ -70,6 +70,7 @@ class LDM(ELBOModel):
     sample_modes = ("prior", "reconstruct")
     sampler_options = DDPM.sampler_options
     per_step_terms = True
+    has_iwae = True
 
     def __init__(self, config: LDMConfig, data_shape: tuple[int, ...], *, vae: VAE | None = None) -> None:
         super().__init__(config, data_shape)
@@ -161,6 +162,31 @@ class LDM(ELBOModel):
             prior = self.prior.bound(z * self.latent_scale.to(z.dtype), generator=generator)
             own = Terms(terms=self._vae_terms(x, z, logvar), dims=self.dims)
             return Terms.merge([own, prior.prefixed("prior")], dims=self.dims)
+
+    def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None, chunk: int = 16) -> Tensor:
+        """log p(x) estimated with k importance samples of (z, a diffusion trajectory of s z), shape (B,).
+
+        The weights are p(x|z) p_DDPM(z'_{0:T}) s^d / (q(z|x) q(z'_{1:T} | z'_0)) with z ~ q(z|x), z'_0 = s z and
+        z'_{1:T} drawn by the forward process; their expectation is the integral of p(x|z) p_DDPM(s z) s^d over
+        z, which is p(x). So the log-mean-exp of k of them is a lower bound on log p(x) in expectation (Jensen,
+        Burda et al. 2016) that tightens as k grows. (A log-mean-exp of k *stochastic estimates of the DDPM's
+        bound* would not be one: each is only a bound on log p(z) in expectation, and the log-mean-exp of bounds
+        can exceed log p(x).)
+        """
+        with torch.no_grad():
+            mu, logvar = self.vae.encode(x)
+            s = self.latent_scale.to(mu.dtype)
+
+            def log_weights(n: int) -> Tensor:
+                reps = (n, *([1] * (mu.dim() - 1)))
+                mu_n, logvar_n = mu.repeat(reps), logvar.repeat(reps)
+                z = mu_n + torch.exp(0.5 * logvar_n) * draws.randn_from(generator, mu_n.shape, mu.device, mu.dtype)
+                log_q = gaussian_log_prob(z, mu_n, logvar_n).flatten(1).sum(1)
+                log_px = self.vae.log_px_given_z(x.repeat(n, *([1] * (x.dim() - 1))), z)
+                log_pz = self.prior.trajectory_log_weight(z * s, generator=generator) + z[0].numel() * torch.log(s)
+                return (log_px.double() + log_pz - log_q.double()).view(n, x.shape[0])
+
+            return log_mean_exp_in_chunks(log_weights, k, chunk)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, sampler: Sampler = "ancestral",
                steps: int | None = None, eta: float = 0.0, progress: Any = None) -> Tensor:

@@ -26,12 +26,28 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from elbox.errors import UserError
+
 LN2 = math.log(2.0)
 
 
 def bits_per_dim(nats: Tensor | float, dims: int) -> Tensor | float:
     """Bits per dimension of a negative log-likelihood (bound) given in nats: nats / (D ln 2). The only place."""
     return nats / (dims * LN2)
+
+
+def log_mean_exp_in_chunks(log_weights, k: int, chunk: int) -> Tensor:
+    """log 1/k sum_i w_i from ``log_weights(n)`` -> (n, B) log-weights, called ``chunk`` at a time: the
+    importance-weighted estimate of Burda et al. 2016, eq. 8, in bounded memory."""
+    if int(k) != k or k < 1:
+        raise UserError(f"the number of importance samples k must be an integer >= 1; got {k}")
+    total, done = None, 0
+    while done < k:
+        n = min(chunk, k - done)
+        part = torch.logsumexp(log_weights(n).double(), dim=0)
+        total = part if total is None else torch.logaddexp(total, part)
+        done += n
+    return total - math.log(k)
 
 
 @dataclass
