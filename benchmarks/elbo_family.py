@@ -1,0 +1,204 @@
+"""The thesis on one table: a VAE, a DDPM and latent diffusion (a DDPM prior over that VAE's latents), trained on
+the same data with the same CPU budget each, scored by the same kind of number on the same test images.
+
+    python benchmarks/elbo_family.py --minutes 5 --threads 2 --out runs/family > family.jsonl
+
+For each variant of MNIST (``../shared/data/mnist``, read by ``elbox.data``, never downloaded):
+
+- ``binarized``: training images binarized afresh for every batch (Bernoulli(x/255), Salakhutdinov & Murray
+  2008), the test images binarized ONCE with a generator seeded by ``--test-seed``. Pixels are {0, 255}: the VAE
+  has a Bernoulli decoder, the DDPM sees them at the two ends of [-1, 1] with its 8-bit decoder, whose probability
+  of a binary image is a valid (if loose) bound on the same discrete probability. Reported in nats per image, as
+  the literature does (Burda et al. 2016: 85 nats for a VAE).
+- ``8bit``: the images as they are; the VAE has a discretized logistic decoder (``discretized-logistic``), so all
+  three give a bound on the same discrete 8-bit probability, in bits/dim.
+
+Every model: Adam, the learning rate decayed with a cosine over the wall-clock budget (so the schedule ends when the
+budget does), the diffusion models with an EMA of the weights (decay ``--ema``). The latent diffusion model
+trains only its prior, for the same budget, on z ~ q(z|x) of the frozen VAE; its latent scale s = 1/std(z) is
+measured on 2,000 training images first.
+
+Scores, on the first ``--eval-n`` test images, mean and standard error over images:
+- ``-ELBO``: each model's full negative ELBO (``bound``: every timestep of a DDPM computed, one draw of x_t each;
+  the LDM's bound of ``objectives/latent.py``);
+- ``-log p(x)``: the importance-weighted estimate on the first ``--iwae-n`` of them, K = ``--k-vae`` for the VAE,
+  ``--k-ldm`` samples of (z, diffusion trajectory) for the LDM and ``--k-ddpm`` trajectories for the DDPM (each
+  one a valid bound in expectation, see ``LDM.iwae_bound``);
+- sampling time per image (16 ancestral samples, one thread count as set), and a grid of 64 samples per model.
+
+Prints one JSON line per model to stdout and the table (markdown) to stderr and ``OUT/table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from elbox.data import from_model, load_dataset, to_model
+from elbox.metrics.likelihood import _mean_stderr
+from elbox.objectives.ddpm import DDPM, DDPMConfig
+from elbox.objectives.latent import LDM, LDMConfig
+from elbox.objectives.terms import bits_per_dim
+from elbox.objectives.vae import VAE, VAEConfig
+from elbox.training.ema import EMA
+from elbox.viz import image_grid, save_png
+
+DIMS = 28 * 28
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+    p.add_argument("--variants", nargs="+", default=["binarized", "8bit"], choices=["binarized", "8bit"])
+    p.add_argument("--minutes", type=float, default=5.0, help="training budget per model, wall clock")
+    p.add_argument("--timesteps", type=int, default=1000, help="T of the DDPM and of the LDM's prior")
+    p.add_argument("--latent-dim", type=int, default=32)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--eval-n", type=int, default=1000, help="test images for the bound")
+    p.add_argument("--eval-n-ddpm", type=int, default=100, help="test images for the DDPM's bound (T U-Net passes each)")
+    p.add_argument("--iwae-n", type=int, default=200, help="test images for the importance-weighted estimates")
+    p.add_argument("--k-vae", type=int, default=1000)
+    p.add_argument("--k-ldm", type=int, default=100)
+    p.add_argument("--k-ddpm", type=int, default=0, help="0: skip (T U-Net passes per sample)")
+    p.add_argument("--test-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/family"))
+    return p.parse_args()
+
+
+def binarize(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """uint8 -> {0, 255} by a Bernoulli(x / 255) draw per pixel."""
+    return ((torch.rand(x.shape, generator=generator) < x.float() / 255.0) * 255).to(torch.uint8)
+
+
+def train_for(model, params, minutes: float, batch_size: int, lr: float, train_u8: torch.Tensor, variant: str,
+              seed: int, ema_decay: float = 0.0) -> dict:
+    """Adam with a cosine learning rate over the wall-clock budget; an EMA of the weights if ``ema_decay`` > 0."""
+    opt = torch.optim.Adam(params, lr=lr)
+    ema = EMA(model, ema_decay) if ema_decay > 0 else None
+    gen = torch.Generator().manual_seed(seed)
+    budget, start, step, epochs = minutes * 60.0, time.time(), 0, 0
+    model.train()
+    while time.time() - start < budget:
+        order = torch.randperm(len(train_u8), generator=gen)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            elapsed = time.time() - start
+            if elapsed >= budget:
+                break
+            for group in opt.param_groups:
+                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * elapsed / budget))
+            x_u8 = train_u8[order[i : i + batch_size]]
+            if variant == "binarized":
+                x_u8 = binarize(x_u8, gen)
+            loss = model.losses(to_model(x_u8, model.data_range, generator=gen), step=step).loss.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+        else:
+            epochs += 1
+    seconds = time.time() - start
+    print(f"  trained {type(model).__name__} {seconds / 60:.1f} min, {step} steps, {epochs} epochs", file=sys.stderr)
+    return {"train_minutes": seconds / 60, "steps": step, "epochs": step * batch_size / len(train_u8),
+            "model": (ema.model if ema is not None else model).eval()}
+
+
+def score(model, name: str, test_u8: torch.Tensor, args, k: int, variant: str, eval_n: int) -> dict:
+    """The bound and the importance-weighted estimate on the test images, and the sampling time."""
+    x_all = to_model(test_u8, model.data_range)
+    g = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        start = time.time()
+        nll = torch.cat([model.bound(x_all[i : i + 100], generator=g).nll.double()
+                         for i in range(0, min(eval_n, len(x_all)), 100)])
+        out = {"model": name, "variant": variant, "eval_n": nll.numel(), "bound_minutes": (time.time() - start) / 60}
+        mean, se = _mean_stderr(nll)
+        out.update(nelbo_nats=mean, nelbo_nats_se=se, nelbo_bpd=bits_per_dim(mean, DIMS),
+                   nelbo_bpd_se=bits_per_dim(se, DIMS))
+        if k > 0:
+            start = time.time()
+            log_px = torch.cat([model.iwae_bound(x_all[i : i + 10], k, generator=g, chunk=max(1, min(k, 100)))
+                                for i in range(0, min(args.iwae_n, len(x_all)), 10)])
+            mean, se = _mean_stderr(-log_px)
+            out.update(nll_nats=mean, nll_nats_se=se, nll_bpd=bits_per_dim(mean, DIMS),
+                       nll_bpd_se=bits_per_dim(se, DIMS), k=k, iwae_n=log_px.numel(),
+                       iwae_minutes=(time.time() - start) / 60)
+        start = time.time()
+        model.sample(16, generator=torch.Generator().manual_seed(0))
+        out["sample_seconds_per_image"] = (time.time() - start) / 16
+        grid = model.sample(64, generator=torch.Generator().manual_seed(1))
+    path = save_png(image_grid(from_model(torch.nan_to_num(grid), model.data_range)),
+                    args.out / f"{variant}-{name}.png")
+    out["samples"] = str(path)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> list[dict]:
+    torch.manual_seed(args.seed)
+    decoder = "bernoulli" if variant == "binarized" else "discretized-logistic"
+    vae = VAE(VAEConfig(arch="conv-mlp", res_blocks=0, activation="silu", latent_dim=args.latent_dim,
+                        decoder=decoder), (1, 28, 28))
+    rows = []
+    fit = train_for(vae, list(vae.parameters()), args.minutes, 100, 1e-3, train_u8, variant, args.seed)
+    rows.append({**score(fit.pop("model"), "vae", test_u8, args, args.k_vae, variant, args.eval_n), **fit})
+
+    # the latent scale s = 1 / std(z), z ~ q(z|x) over 2,000 training images (Rombach et al., appendix G)
+    with torch.no_grad():
+        x = to_model(train_u8[:2000], vae.data_range, generator=torch.Generator().manual_seed(args.seed))
+        mu, logvar = vae.encode(x)
+        scale = 1.0 / float((mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)).std())
+    ldm = LDM(LDMConfig(timesteps=args.timesteps, net="mlp", latent_scale=scale), (1, 28, 28), vae=vae)
+    fit = train_for(ldm, list(ldm.prior.parameters()), args.minutes, 256, 1e-3, train_u8, variant, args.seed,
+                    args.ema)
+    rows.append({**score(fit.pop("model"), "ldm", test_u8, args, args.k_ldm, variant, args.eval_n), **fit, "latent_scale": scale})
+
+    torch.manual_seed(args.seed)
+    ddpm = DDPM(DDPMConfig(data_kind="8bit", net="small", base_channels=32, dropout=0.0, timesteps=args.timesteps),
+                (1, 28, 28))
+    fit = train_for(ddpm, list(ddpm.parameters()), args.minutes, 64, 5e-4, train_u8, variant, args.seed, args.ema)
+    rows.append({**score(fit.pop("model"), "ddpm", test_u8, args, args.k_ddpm, variant, args.eval_n_ddpm), **fit})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    def pm(row, key, digits):
+        return f"{row[key]:.{digits}f} ± {row[key + '_se']:.{digits}f}" if key in row else "—"
+
+    lines = ["| data | model | −ELBO (nats) | −ELBO (bits/dim) | −log p(x) (nats, K) | sampling s/image | training |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        iwae = f"{pm(r, 'nll_nats', 2)} (K = {r['k']}, {r['iwae_n']} images)" if "nll_nats" in r else "—"
+        lines.append(f"| {r['variant']} MNIST | {r['model']} ({r['eval_n']} test images) | {pm(r, 'nelbo_nats', 2)} | "
+                     f"{pm(r, 'nelbo_bpd', 4)} | {iwae} | {r['sample_seconds_per_image']:.3f} | "
+                     f"{r['train_minutes']:.1f} min, {r['epochs']:.1f} epochs |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_u8, test_u8 = (load_dataset("mnist", s, data_dir=args.data_dir, download=False).data for s in ("train", "test"))
+    rows = []
+    for variant in args.variants:
+        test = binarize(test_u8, torch.Generator().manual_seed(args.test_seed)) if variant == "binarized" else test_u8
+        rows += run_variant(variant, train_u8, test[: max(args.eval_n, args.iwae_n)], args)
+    text = table(rows)
+    (args.out / "table.md").write_text(text + "\n")
+    print(text, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
