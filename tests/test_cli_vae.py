@@ -47,5 +47,5 @@ def test_vae_bad_values_are_one_line_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "v"), "--metric", "nll", "--k", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "K >= 1" in err[0], err
+    assert len(err) == 1 and "--k 0 is not allowed; use an integer >= 1" in err[0], err
     assert main(["sample", str(tmp_path / "v"), "--mode", "manifold", "--num", "0"]) == 2

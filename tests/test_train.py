@@ -249,7 +249,7 @@ def flaky_run(monkeypatch, tmp_path, bad: dict[int, str], **train) -> tuple[RunC
     return cfg, tmp_path / "run"
 
 
-@pytest.mark.parametrize("kind,where", [("term", "term 'prior'"), ("loss", "the loss"), ("grad", "the gradient")])
+@pytest.mark.parametrize("kind,where", [("term", "the prior term L_T"), ("loss", "the loss"), ("grad", "the gradient")])
 def test_nonfinite_stops_naming_step_and_term_and_keeps_the_last_checkpoint(monkeypatch, tmp_path, kind, where):
     cfg, run = flaky_run(monkeypatch, tmp_path, {2: kind}, steps=5)
     with pytest.raises(UserError) as e:
@@ -266,7 +266,7 @@ def test_nonfinite_batches_are_skipped_and_counted(monkeypatch, tmp_path):
     result = train(cfg, run)
     assert result.step == 6 and result.skipped == 2
     rows = metrics(run)
-    assert [(r["step"], r.get("nonfinite")) for r in rows if r.get("nonfinite")] == [(3, "term 'prior'"), (5, "the gradient")]
+    assert [(r["step"], r.get("nonfinite")) for r in rows if r.get("nonfinite")] == [(3, "the prior term L_T"), (5, "the gradient")]
     assert rows[-1]["skipped"] == 2
     # a skipped step leaves weights, EMA and optimizer state as they were; the next one trains again
     for name in ("model", "ema"):

@@ -66,7 +66,7 @@ def test_two_processes_match_one_resume_and_agree_on_ema(tmp_path, capsys):
     for done in (first, second):
         assert sum(line.startswith("elbox: trained") for line in done.stdout.splitlines()) == 1, done.stdout
     assert sorted(p.name for p in two.iterdir() if p.name != "tensorboard") == [
-        "checkpoints", "config.toml", "loss.png", "metrics.jsonl", "samples.png"]
+        "checkpoints", "config.toml", "evaluations.jsonl", "loss.png", "metrics.jsonl", "samples.png"]
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-0000004", "step-0000008"]
     assert "held-out bound" in second.stdout
 

@@ -236,6 +236,6 @@ def test_a_nan_stops_the_command_naming_step_and_term(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "non-finite value (NaN/Inf) in term 'steps' at step 2" in lines[0], lines
+    assert len(lines) == 1 and "non-finite value (NaN/Inf) in the diffusion term L_t at the sampled timestep at step 2" in lines[0], lines
     assert f"the last checkpoint, {run / 'checkpoints' / 'step-0000001'}, is untouched" in lines[0]
     assert ckpt.load_checkpoint(run).step == 1

@@ -365,7 +365,7 @@ def test_weights_round_trip_through_safetensors_and_config_through_json(tmp_path
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        (dict(latent_dim=0), ["latent_dim=0", ">= 1"]),
+        (dict(latent_dim=0), ["latent_dim=0", "from 1 to 65536"]),
         (dict(decoder_sigma=0.0), ["decoder_sigma must be > 0", "0.0"]),
         (dict(decoder_sigma=-1.5), ["decoder_sigma must be > 0", "-1.5"]),
         (dict(decoder="poisson"), ["decoder='poisson'", "bernoulli"]),

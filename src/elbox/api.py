@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from elbox import checkpoint as ckpt
-from elbox.config import DataConfig, EvaluateConfig, SampleConfig, model_from_description
+from elbox.config import DataConfig, EvaluateConfig, SampleConfig, build_dataclass, model_from_description
 from elbox.data import from_model, to_model
 from elbox.devices import resolve_device
 from elbox.errors import UserError
-from elbox.metrics.likelihood import Evaluation, evaluate_bound, evaluate_iwae
+from elbox.metrics.likelihood import evaluate_bound, evaluate_iwae
 from elbox.objectives.base import ELBOModel
 from elbox.viz import image_grid, save_png, scatter_plot
 
@@ -29,10 +29,20 @@ def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cp
     """
     state = ckpt.load_checkpoint(path, with_training_state=False)
     desc = state.description
-    model = model_from_description(desc["kind"], desc["config"], tuple(desc["data_shape"]), str(state.path))
     weights = state.ema if (ema and state.ema is not None) else state.model
-    ckpt.load_weights(model, weights, state.path / ("ema.safetensors" if weights is state.ema else "model.safetensors"))
-    model.data_config = DataConfig(**desc.get("data", {}))
+    source = state.path / ("ema.safetensors" if weights is state.ema else "model.safetensors")
+
+    def build():
+        return model_from_description(desc["kind"], desc["config"], tuple(desc["data_shape"]), str(state.path))
+
+    with torch.device("meta"):  # the model the manifest describes must fit the weights before memory is spent on it
+        ckpt.check_weights_fit(build(), weights, source)
+    if not ckpt.all_finite(weights):
+        raise UserError(f"{source} holds NaN/Inf weights: nothing to sample or evaluate; resume the run from an "
+                        f"earlier checkpoint with a lower --lr, or train it again")
+    model = build()
+    ckpt.load_weights(model, weights, source)
+    model.data_config = build_dataclass(DataConfig, desc.get("data", {}), "data")
     device = resolve_device(device) if isinstance(device, str) else device
     return model.to(device).eval()
 
@@ -110,15 +120,73 @@ def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: Path |
     """Draw samples per ``cfg`` and write them as a PNG grid (a scatter plot for 2-D vector data)."""
     x = draw(model, cfg)
     run_dir = ckpt.resolve_checkpoint(run).parent.parent
-    path = _unused_path(out or run_dir / f"samples-{cfg.mode}-seed{cfg.seed}.png")
+    name = f"samples-{cfg.mode}-seed{cfg.seed}.png"
+    if out is not None and out.is_dir():  # --out DIR: the PNG goes in it
+        out = out / name
+    path = _unused_path(out or run_dir / name)
     if model.draws_images:
         nrow = INTERPOLATION_STEPS if cfg.mode == "interpolate" else 2 if cfg.mode == "reconstruct" and cfg.num <= 4 else None
         return save_png(image_grid(from_model(x, model.data_range), nrow=nrow), path)
     return save_png(scatter_plot(x.numpy()), path)
 
 
-def evaluate(model: ELBOModel, run: Path, cfg: EvaluateConfig, progress: bool = False) -> Evaluation:
+def evaluate_quality(model: ELBOModel, cfg: EvaluateConfig, progress: bool = False):
+    """FID and KID of ``cfg.num`` samples against the data set's ``cfg.split`` (metrics/fid.py)."""
+    import time
+
+    from elbox.metrics.fid import (
+        InceptionFeatures,
+        QualityResult,
+        Statistics,
+        frechet_distance,
+        kernel_distance,
+        reference_features,
+    )
+
+    if not model.draws_images:
+        raise UserError(f"FID and KID are for images; this {model.kind} draws vectors (use --metric bpd)")
+    start = time.perf_counter()
     device = next(model.parameters()).device
+    network = InceptionFeatures.load(cfg.fid_weights, device)
+    reference = reference_features(network, model.data_config, cfg.split, progress)
+    samples = draw(model, SampleConfig(num=cfg.num, seed=cfg.seed, sampler=cfg.sampler, eta=cfg.eta,
+                                       sampling_steps=cfg.sampling_steps, batch_size=cfg.batch_size))
+    features = network(from_model(samples, model.data_range), progress=progress)
+    fid = frechet_distance(Statistics.of(features), Statistics.of(reference))
+    kid, kid_std = kernel_distance(features, reference, seed=cfg.seed)
+    return QualityResult(num=len(features), reference=f"{model.data_config.data} {cfg.split}",
+                         reference_n=len(reference), fid=fid, kid=kid, kid_std=kid_std, weights_sha256=network.sha256,
+                         seconds=time.perf_counter() - start)
+
+
+EVALUATIONS = "evaluations.jsonl"
+
+
+def record_evaluation(run_dir: Path, record: dict) -> None:
+    """Append one evaluation to the run's ``evaluations.jsonl`` (the report reads them); a run folder that cannot be
+    written (read-only, say) only loses the record."""
+    import datetime
+
+    line = json.dumps({"time": datetime.datetime.now().isoformat(timespec="seconds"), **record}) + "\n"
+    try:
+        with open(Path(run_dir) / EVALUATIONS, "a") as f:
+            f.write(line)
+    except OSError:
+        pass
+
+
+def evaluate(model: ELBOModel, run: Path, cfg: EvaluateConfig, progress: bool = False):
+    """Measure ``model`` (loaded from ``run``) as ``cfg`` says, and record the result in the run folder."""
+    result = _measure(model, cfg, progress)
+    checkpoint = ckpt.resolve_checkpoint(run)
+    record_evaluation(checkpoint.parent.parent, {"checkpoint": checkpoint.name, "ema": cfg.ema, **result.to_dict()})
+    return result
+
+
+def _measure(model: ELBOModel, cfg: EvaluateConfig, progress: bool):
+    device = next(model.parameters()).device
+    if cfg.per_step and Path(cfg.per_step).exists():
+        raise UserError(f"--per-step {cfg.per_step} exists; choose another file (elbox never overwrites one)")
     if cfg.per_step and not (cfg.metric != "nll" and model.per_step_terms):
         raise UserError(f"--per-step needs the bound of a model with one term per timestep (a DDPM, --metric bpd); "
                         f"a {model.kind} with --metric {cfg.metric} has none")
@@ -126,6 +194,8 @@ def evaluate(model: ELBOModel, run: Path, cfg: EvaluateConfig, progress: bool = 
                   progress=progress)
     if cfg.metric == "nll":
         return evaluate_iwae(model, model.data_config, k=cfg.k, **common)
+    if cfg.metric in ("fid", "kid"):
+        return evaluate_quality(model, cfg, progress)
     result = evaluate_bound(model, model.data_config, **common)
     result.metric = cfg.metric
     if cfg.per_step:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -118,6 +119,11 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
         idx, key = name.split("/", 1)
         state.setdefault(int(idx), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating-point tensor of a state dict is free of NaN/Inf."""
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
 def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
@@ -245,6 +251,30 @@ def latest_checkpoint(run_dir: Path, verify: bool = True) -> Path | None:
     return ckpts[-1]
 
 
+def latest_valid_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies, for a resume; newer step folders that do not (no manifest, a bad
+    checksum: hand-damaged or foreign) are renamed to ``step-NNNNNNN.invalid`` so that no later save trips on
+    them, and each move is described in the returned notes."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None, []
+    folders = sorted((p for p in root.iterdir() if CHECKPOINT_RE.match(p.name) and p.is_dir()),
+                     key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+    notes = []
+    for folder in reversed(folders):
+        try:
+            read_manifest(folder, verify=True)
+            return folder, notes
+        except UserError as e:
+            aside = folder.with_name(folder.name + ".invalid")
+            n = 1
+            while aside.exists():
+                aside, n = folder.with_name(f"{folder.name}.invalid-{n}"), n + 1
+            folder.rename(aside)
+            notes.append(f"moved the invalid checkpoint {folder} aside to {aside} ({e})")
+    return None, notes
+
+
 # ------------------------------------------------------------------------------------------------ loading
 def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
     """The manifest of a checkpoint folder; with verify, every file's checksum is checked first."""
@@ -255,10 +285,13 @@ def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
         manifest["step"], manifest["model"]["kind"], manifest["checksum"]
     except FileNotFoundError:
         raise UserError(f"{path} is not an elbox checkpoint: {MANIFEST} is missing") from None
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, OSError, RecursionError):
         raise UserError(f"checkpoint manifest {mpath} is damaged (not the JSON elbox writes); refusing to load it") from None
     if manifest.get("format") != FORMAT_VERSION:
         raise UserError(f"{mpath}: checkpoint format {manifest.get('format')!r} is not {FORMAT_VERSION}, the one this elbox reads")
+    problem = manifest_problem(manifest)
+    if problem:  # checked whole before anything is read or allocated (a checksum anyone can recompute is no proof)
+        raise UserError(f"checkpoint manifest {mpath} is not valid ({problem}); refusing to load it")
     if verify:
         if _manifest_checksum(manifest) != manifest["checksum"]:
             raise UserError(f"checkpoint manifest {mpath} does not match its checksum (modified); refusing to load it")
@@ -269,6 +302,52 @@ def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
             if sha256(fpath) != digest:
                 raise UserError(f"checkpoint file {fpath} does not match its checksum (truncated or modified); refusing to load it")
     return manifest
+
+
+#: the files a checkpoint may hold (a manifest naming any other, "../x" say, is refused)
+CHECKPOINT_FILES = ("model.safetensors", "rng.safetensors", "ema.safetensors", "optimizer.safetensors")
+MAX_DATA_DIMS = 2**26  # 64M numbers per example: far above any image, far below a memory error
+
+
+def _is_int(v: Any, low: int = 0, high: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+
+
+def manifest_problem(m: Any) -> str | None:
+    """What is wrong with a manifest's structure, in a few words, or None: the schema elbox writes."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    if not _is_int(m.get("step")):
+        return "step must be an integer >= 0"
+    if not isinstance(m.get("checksum"), str):
+        return "checksum must be a string"
+    files = m.get("files")
+    if not isinstance(files, dict) or not {"model.safetensors", "rng.safetensors"} <= set(files):
+        return "files must map model.safetensors, rng.safetensors (and optionally ema/optimizer) to checksums"
+    for name, digest in files.items():
+        if name not in CHECKPOINT_FILES:
+            return f"unknown file {name!r} (allowed: {', '.join(CHECKPOINT_FILES)})"
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            return f"the checksum of {name} is not a sha256 hex digest"
+    model = m.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("kind"), str) or not isinstance(model.get("config"), dict):
+        return "model must hold a kind (string) and a config (object)"
+    shape = model.get("data_shape")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 3 and all(_is_int(d, 1, 2**16) for d in shape)
+            and math.prod(shape) <= MAX_DATA_DIMS):
+        return f"data_shape must be 1 to 3 sizes between 1 and 65536 (at most {MAX_DATA_DIMS} numbers)"
+    if not isinstance(model.get("data", {}), dict):
+        return "model.data must be an object"
+    if m.get("optimizer") is not None and not isinstance(m["optimizer"], dict):
+        return "optimizer must be an object or null"
+    loader = m.get("loader", {})
+    if not isinstance(loader, dict) or not all(isinstance(v, dict) for v in loader.values()):
+        return "loader must map ranks to objects"
+    if not _is_int(m.get("ema_updates", 0)):
+        return "ema_updates must be an integer >= 0"
+    if m.get("scaler") is not None and not isinstance(m["scaler"], dict):
+        return "scaler must be an object or null"
+    return None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -310,6 +389,14 @@ def load_checkpoint(path: str | Path, *, with_training_state: bool = True) -> Ch
 
 def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """load_state_dict with a one-line error when the weights belong to a different model."""
+    check_weights_fit(module, state, source)
+    module.load_state_dict(state)
+
+
+def check_weights_fit(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """A one-line error unless ``state`` has exactly the names, shapes and dtypes of ``module``'s state dict. The
+    module may live on the "meta" device: a model described by a manifest is checked against the weights on disk
+    before any memory is allocated for it."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -319,4 +406,3 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source
                   else f"{wrong[0]} is {state[wrong[0]].dtype} {tuple(state[wrong[0]].shape)}, expected "
                   f"{own[wrong[0]].dtype} {tuple(own[wrong[0]].shape)}")
         raise UserError(f"{source} holds weights of a different model ({detail}); refusing to load it")
-    module.load_state_dict(state)

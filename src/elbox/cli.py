@@ -34,8 +34,25 @@ from elbox.errors import UserError
 PROG = "elbox"
 
 
+#: spellings users type for a flag elbox names otherwise (other libraries' names)
+ALIASES = {
+    "--learning-rate": "--lr", "--learning_rate": "--lr", "--max-steps": "--steps", "--num-steps": "--steps",
+    "--iterations": "--steps", "--train-steps": "--steps", "--batch": "--batch-size", "--bs": "--batch-size",
+    "--train-batch-size": "--batch-size", "--diffusion-steps": "--timesteps", "--num-timesteps": "--timesteps",
+    "--num-train-timesteps": "--timesteps", "--output": "--out", "--output-dir": "--out", "--outdir": "--out",
+    "--dataset": "--data", "--data-path": "--data", "--n-samples": "--num", "--num-samples": "--num",
+    "--ddim-steps": "--sampling-steps", "--num-inference-steps": "--sampling-steps", "--latent-size": "--latent-dim",
+    "--z-dim": "--latent-dim", "--ema": "--ema-decay", "--gpu": "--device", "--fp16": "--precision",
+    "--bf16": "--precision", "--mixed-precision": "--precision",
+}
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a mistake is one line naming the flag, with the nearest valid flag suggested."""
+    """argparse, but a mistake is one line naming the flag, with the nearest valid flag suggested (or the model
+    the flag belongs to, or elbox's name for another library's spelling)."""
+
+    #: flags of the other models' configs -> the model (set by the train command's parser)
+    other_models: dict[str, str] = {}
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments:"):
@@ -43,11 +60,19 @@ class OneLineParser(argparse.ArgumentParser):
             known = [s for a in self._actions for s in a.option_strings]
             flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
             if flags:
-                close = difflib.get_close_matches(flags[0], known, n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]}?" if close else f"; see `{self.prog} --help`"
-                message = f"unknown flag {flags[0]}{hint}"
+                flag = flags[0]
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+                if flag in self.other_models:
+                    model = self.other_models[flag]
+                    message = f"{flag} is a flag of the {model} model: `elbox train {model} {flag} ...`"
+                elif ALIASES.get(flag) in known:
+                    message = f"unknown flag {flag}; elbox calls it {ALIASES[flag]}"
+                else:
+                    hint = f"; did you mean {close[0]}?" if close else f"; see `{self.prog} --help`"
+                    message = f"unknown flag {flag}{hint}"
             else:
-                message = f"unexpected argument {unknown[0]!r}; see `{self.prog} --help`"
+                what = repr(unknown[0]) if unknown else "an empty argument ''"
+                message = f"unexpected argument {what}; see `{self.prog} --help`"
         raise UserError(f"{self.prog}: {message}")
 
 
@@ -139,12 +164,19 @@ def _train_parser(model: str) -> argparse.ArgumentParser:
     add_dataclass_flags(p, MODELS[model][0], "model", f"{model} model")
     add_dataclass_flags(p, DataConfig, "data", "data")
     add_dataclass_flags(p, TrainConfig, "train", "training")
+    own = {s for a in p._actions for s in a.option_strings}
+    p.other_models = {}
+    for other in MODELS:  # the first model that has a flag names it (a DDPM flag is also an LDM flag)
+        for f in dataclasses.fields(MODELS[other][0]):
+            flag = "--" + f.name.replace("_", "-")
+            if other != model and flag not in own:
+                p.other_models.setdefault(flag, other)
     return p
 
 
-def cmd_train(argv: list[str]) -> int:
-    from elbox.training.loop import train
-
+def train_config_from_args(argv: list[str]) -> tuple[RunConfig, Path, bool]:
+    """`elbox train`'s arguments -> (the run's config, its folder, whether it resumes); nothing is written."""
+    argv = list(argv)
     named = bool(argv) and argv[0] in MODELS  # `elbox train vae ...`; the default model is the DDPM
     model = argv.pop(0) if named else "ddpm"
     ns = _train_parser(model).parse_args(argv)
@@ -174,7 +206,14 @@ def cmd_train(argv: list[str]) -> int:
         data=_override(data, given(ns, "data"), "data"),
         train=_override(base.train, given(ns, "train"), "train"),
     )
-    result = train(cfg, out, resume=ns.resume is not None)
+    return cfg, out, ns.resume is not None
+
+
+def cmd_train(argv: list[str]) -> int:
+    from elbox.training.loop import train
+
+    cfg, out, resume = train_config_from_args(argv)
+    result = train(cfg, out, resume=resume)
     # stopped by a signal: exit as a shell reports it (130 SIGINT, 143 SIGTERM), so `train && next` does not go on
     code = 128 + signal.Signals[result.stopped_by].value if result.stopped_by else 0
     if not result.is_main:  # another rank under torchrun: rank 0 reports
@@ -184,9 +223,13 @@ def cmd_train(argv: list[str]) -> int:
         parts.append(f"stopped by {result.stopped_by} after saving; continue with `elbox train --resume {out}`")
     if result.skipped:
         parts.append(f"{result.skipped} step(s) skipped for NaN/Inf")
+    if result.skipped_files:
+        names = ", ".join(result.skipped_files[:3]) + (", ..." if len(result.skipped_files) > 3 else "")
+        parts.append(f"{len(result.skipped_files)} unreadable data file(s) skipped ({names}; all listed in "
+                     f"{out / 'skipped-files.txt'})")
     if result.heldout_bpd is not None:
-        parts.append(f"held-out bound: {result.heldout_bpd:.4f} bits/dim (full bound, {result.heldout_examples} "
-                     f"test examples)")
+        parts.append(f"held-out bound: {result.heldout.bpd:.4f} {result.heldout.bpd_label} (full bound, "
+                     f"{result.heldout.examples} test examples)")
     parts.append("wrote " + ", ".join(map(str, result.written())))
     print("elbox: " + "; ".join(parts), flush=True)
     return code
@@ -229,12 +272,21 @@ def cmd_evaluate(argv: list[str]) -> int:
     cfg = build_dataclass(EvaluateConfig, given(ns, "evaluate"), "evaluate")
     model = load(ns.run, ema=cfg.ema, device=cfg.device)
     result = evaluate(model, ns.run, cfg, progress=not ns.json)
+    if cfg.metric in ("fid", "kid"):
+        if ns.json:
+            print(json.dumps(result.to_dict()))
+            return 0
+        print(f"sample quality of {result.num} samples against {result.reference} ({result.reference_n} images), "
+              f"standard FID Inception-v3 (sha256 {result.weights_sha256[:12]}...):")
+        print(f"  FID {result.fid:.3f}   KID {result.kid:.5f} ± {result.kid_std:.5f}   ({result.seconds:.0f} s)")
+        return 0
     if ns.json:
         print(json.dumps(result.to_dict() | {"per_step": None, "per_step_labels": None}))
         return 0
     name = "-log p(x) (IWAE, K=%d)" % result.k if result.metric == "nll" else "negative ELBO"
     print(f"{name} on {result.examples} held-out examples of {result.dims} dims:")
-    print(f"  {result.nats:.3f} ± {result.nats_stderr:.3f} nats/example   {result.bpd:.4f} ± {result.bpd_stderr:.4f} bits/dim")
+    print(f"  {result.nats:.3f} ± {result.nats_stderr:.3f} nats/example   {result.bpd:.4f} ± {result.bpd_stderr:.4f} "
+          f"{result.bpd_label}")
     width = max((len(term) for term in result.terms), default=0)
     for term, value in result.terms.items():
         print(f"  {term:>{width}}: {value:.3f} nats/example")
@@ -243,14 +295,26 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}
+def cmd_report(argv: list[str]) -> int:
+    from elbox.report import write_report
+
+    p = OneLineParser(prog=f"{PROG} report", description="Write one self-contained HTML page about one or several "
+                      "runs: measurements, training curves, per-timestep terms, samples; several runs side by side.")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders")
+    p.add_argument("--out", type=Path, default=Path("report.html"), help="the page to write (never overwritten)")
+    ns = p.parse_args(argv)
+    print(f"elbox: wrote {write_report(ns.runs, ns.out)}", flush=True)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = OneLineParser(prog=PROG, description="elbox: VAEs and DDPMs, both trained by maximising an evidence lower "
-                        "bound. Commands: train, sample, evaluate; `elbox COMMAND --help` for each.")
-    top.add_argument("command", choices=list(COMMANDS), help="train | sample | evaluate")
+                        "bound. Commands: train, sample, evaluate, report; `elbox COMMAND --help` for each.")
+    top.add_argument("command", choices=list(COMMANDS), help="train | sample | evaluate | report")
     top.add_argument("--version", action="version", version=f"elbox {__import__('elbox').__version__}")
     try:
         if not argv or argv[0] in ("-h", "--help", "--version"):

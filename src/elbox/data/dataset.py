@@ -119,9 +119,17 @@ def seeded_test_mask(keys: Sequence[str], seed: int, fraction: float = TEST_FRAC
     """Which keys fall in the test split of a seeded split: hash(seed, key) < fraction.
 
     Each example's side depends only on its own key (a file's relative path, an index) and the seed, so the split
-    is stored in the data themselves: adding files to a folder never moves an old file from train to test.
+    is stored in the data themselves: adding files to a folder never moves an old file from train to test. With
+    two or more keys, both sides get at least one (the key with the smallest hash is test, the largest train), so a
+    tiny data set still has held-out data.
     """
-    return _key_hashes(keys, str(seed)) < np.uint64(int(fraction * 2**64))
+    hashes = _key_hashes(keys, str(seed))
+    test = hashes < np.uint64(int(fraction * 2**64))
+    if len(keys) >= 2 and not test.any():
+        test[np.argmin(hashes)] = True
+    if len(keys) >= 2 and test.all():
+        test[np.argmax(hashes)] = False
+    return test
 
 
 def mixed_order(keys: Sequence[str]) -> np.ndarray:

@@ -170,10 +170,24 @@ def download(
     where = f"put {files} in {dest_dir}"
     if allowed is False:
         raise UserError(f"{title} not found ({looked_for}); {where}, or allow downloading (download=True, --download)")
+    created = [p for p in (dest_dir, *dest_dir.parents) if not p.exists()]  # to remove again if nothing comes
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{title} not found ({looked_for}) and {dest_dir} cannot be created ({e.strerror}); {where}") from e
+    try:
+        _fetch_all(dataset, names, dest_dir, title=title, looked_for=looked_for, where=where, check=check)
+    except BaseException:
+        for folder in created:  # nothing is left on a path that failed (a mistyped --data-dir, offline)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _fetch_all(dataset: str, names: Sequence[str], dest_dir: Path, *, title: str, looked_for: str, where: str,
+               check: Callable[[str, Path], None]) -> None:
     for name in names:
         try:
             _fetch([m + name for m in MIRRORS[dataset]], dest_dir / name, lambda p, n=name: check(n, p))

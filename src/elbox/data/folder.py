@@ -256,7 +256,7 @@ def decode_tree(
         example = "" if not others else f" (it has {others} other file{'s' if others > 1 else ''})"
         raise UserError(f"no PNG, JPEG or WebP images in {path}{example}; folder:PATH wants a folder or archive of images")
 
-    arrays, kept, skipped, formats = [], [], [], set()
+    arrays, kept, skipped, reasons, formats = [], [], [], [], set()
     first_size: tuple[str, tuple[int, int]] | None = None
     for rel in listed:
         source = members.pop(rel) if members is not None else path / rel
@@ -264,12 +264,8 @@ def decode_tree(
         try:
             a, fmt = decode_image(source, image_size=image_size, channels=channels)
         except BadImage as e:
-            if not skip_bad:
-                raise UserError(
-                    f"cannot read image {where}: {e}; fix or remove it, or skip unreadable files with "
-                    f"skip_bad=True (--skip-bad)"
-                ) from None
             skipped.append(rel)
+            reasons.append(f"{where}: {e}")
             continue
         if first_size is None:
             first_size = (where, a.shape[:2])
@@ -283,7 +279,11 @@ def decode_tree(
         kept.append(rel)
         formats.add(fmt)
     if not arrays:
-        raise UserError(f"none of the {len(listed)} images in {path} can be read (e.g. {skipped[0]}); nothing to load")
+        raise UserError(f"none of the {len(listed)} images in {path} can be read (e.g. {reasons[0]}); nothing to load")
+    if skipped and not skip_bad:  # every unreadable file in one message: one round of fixing suffices
+        more = f" and {len(reasons) - 3} more" if len(reasons) > 3 else ""
+        raise UserError(f"cannot read {len(reasons)} image file(s): {'; '.join(reasons[:3])}{more}; fix or remove "
+                        f"them, or skip unreadable files with skip_bad=True (--skip-bad)")
 
     colour = any(a.ndim == 3 for a in arrays)
     images = np.empty((len(arrays), 3 if colour else 1, *arrays[0].shape[:2]), dtype=np.uint8)

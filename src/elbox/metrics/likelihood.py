@@ -32,6 +32,12 @@ class Evaluation:
     per_step: list[float] | None = None  # a per-timestep sequence (a DDPM's L_0 .. L_T), mean nats per example
     per_step_labels: list[str] | None = None  # what each entry of per_step is ("L_0", ..., "L_T"; "prior/L_0", ...)
     k: int | None = None
+    discrete: bool = True  # a bound on a discrete probability; False: on a density of continuous values
+
+    @property
+    def bpd_label(self) -> str:
+        """How to name ``bpd``: bits/dim of a density (continuous data) are not comparable with discrete ones."""
+        return "bits/dim" if self.discrete else "bits/dim of a density (continuous data; not comparable with 8-bit bits/dim)"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +86,7 @@ def evaluate_bound(model: ELBOModel, data: DataConfig, *, examples: int = 0, bat
     return Evaluation(metric="bpd", examples=terms.batch_size, dims=terms.dims, nats=nats, nats_stderr=nats_se,
                       bpd=bits_per_dim(nats, terms.dims), bpd_stderr=bits_per_dim(nats_se, terms.dims),
                       terms={k: float(v.double().mean()) for k, v in terms.totals().items()}, per_step=per_step,
-                      per_step_labels=labels)
+                      per_step_labels=labels, discrete=model.discrete)
 
 
 @torch.no_grad()
@@ -105,4 +111,5 @@ def evaluate_iwae(model: ELBOModel, data: DataConfig, *, k: int, examples: int =
     nats, nats_se = _mean_stderr(-log_px)
     dims = model.dims
     return Evaluation(metric="nll", examples=log_px.numel(), dims=dims, nats=nats, nats_stderr=nats_se,
-                      bpd=bits_per_dim(nats, dims), bpd_stderr=bits_per_dim(nats_se, dims), k=k)
+                      bpd=bits_per_dim(nats, dims), bpd_stderr=bits_per_dim(nats_se, dims), k=k,
+                      discrete=model.discrete)

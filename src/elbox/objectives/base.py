@@ -46,6 +46,8 @@ class ELBOModel(nn.Module):
         super().__init__()
         self.config = config
         self.data_shape = tuple(int(d) for d in data_shape)
+        if not 1 <= len(self.data_shape) <= 3 or any(d < 1 for d in self.data_shape) or self.dims > 2**26:
+            raise UserError(f"data shape {self.data_shape} is not allowed: 1 to 3 positive sizes, at most 2^26 numbers")
 
     @classmethod
     def resolve_config(cls, config: Any, data_kind: str) -> Any:
@@ -66,6 +68,12 @@ class ELBOModel(nn.Module):
     def draws_images(self) -> bool:
         """Whether samples are images (C, H, W) in ``data_range``, to be shown as a grid (else: vectors)."""
         return len(self.data_shape) == 3
+
+    @property
+    def discrete(self) -> bool:
+        """Whether the bound is on a discrete probability (8-bit or binary data): then its bits/dim are comparable
+        across models. Otherwise it bounds a density of continuous values, whose "bits/dim" can be negative."""
+        return True
 
     @property
     def dims(self) -> int:

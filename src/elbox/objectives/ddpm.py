@@ -52,15 +52,20 @@ class DDPMConfig:
     loss: LossType = "hybrid"  # simple (eps-MSE, Ho eq. 14), vlb (the true bound) or hybrid (simple + lambda vlb)
     hybrid_lambda: float = 0.001  # lambda of the hybrid loss (Nichol & Dhariwal eq. 16)
     timestep_sampler: TimestepSampler = "uniform"  # how t is drawn for the vlb loss: uniform or importance
-    net: str = "tiny"  # the denoiser: a U-Net preset (micro, tiny, small, ddpm-cifar10) or mlp (vector data)
+    net: str = "auto"  # the denoiser: a U-Net preset (micro, tiny, small, ddpm-cifar10), mlp, or auto (tiny; mlp for vectors)
     base_channels: int | None = None  # U-Net width; None keeps the preset's
     dropout: float | None = None  # U-Net dropout; None keeps the preset's
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] when sampling and evaluating (8-bit data only)
     data_kind: DataKind = "auto"  # 8bit (discretized L_0, clipping), continuous (Gaussian L_0) or auto (the data set's kind)
 
     def __post_init__(self) -> None:
-        if self.timesteps < 1:
-            raise UserError(f"timesteps={self.timesteps} is not allowed; use an integer >= 1 (the paper uses 1000)")
+        if not 1 <= self.timesteps <= 100_000:
+            raise UserError(f"timesteps={self.timesteps} is not allowed; use an integer from 1 to 100000 (the paper "
+                            f"uses 1000)")
+        if self.base_channels is not None and not 1 <= self.base_channels <= 4096:
+            raise UserError(f"base_channels={self.base_channels} is not allowed; use an integer from 1 to 4096")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout={self.dropout} is not allowed; use a value in [0, 1)")
         if not 0.0 < self.hybrid_lambda:
             raise UserError(f"hybrid_lambda={self.hybrid_lambda} is not allowed; use a value > 0 (paper: 0.001)")
         if self.data_kind not in ("auto", "8bit", "continuous"):
@@ -82,7 +87,6 @@ class DDPM(ELBOModel):
         if config.data_kind == "auto":
             raise UserError("DDPMConfig.data_kind='auto' is resolved from the training data by `elbox train`; "
                             "building a DDPM directly, say what the data is: data_kind='8bit' (images) or 'continuous'")
-        self.discrete = config.data_kind == "8bit"
         self.diffusion = GaussianDiffusion(
             beta_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end),
             mean_type=config.mean_type,
@@ -94,6 +98,11 @@ class DDPM(ELBOModel):
         )
         self.net = build_denoiser(config, self.data_shape, self.diffusion.model_output_channels_factor)
         self.clip_denoised = config.clip_denoised and self.discrete
+
+    @property
+    def discrete(self) -> bool:
+        """8-bit data: the bound is on the probability of the 256-level pixels (Ho et al. eq. 13)."""
+        return self.config.data_kind == "8bit"
 
     @classmethod
     def resolve_config(cls, config: DDPMConfig, data_kind: str) -> DDPMConfig:
@@ -242,6 +251,8 @@ def build_denoiser(config: DDPMConfig, data_shape: tuple[int, ...], out_factor: 
     from elbox.nets.mlp import MLPDenoiser
     from elbox.nets.unet import UNET_PRESETS, UNet
 
+    net = config.net if config.net != "auto" else ("mlp" if len(data_shape) == 1 else "tiny")
+    config = dataclasses.replace(config, net=net)
     if len(data_shape) == 1:
         if config.net != "mlp":
             raise UserError(f"net={config.net!r} is a U-Net preset, for images; vector data of shape {tuple(data_shape)} needs net='mlp'")

@@ -43,14 +43,18 @@ def log_normal_interval(lo: Tensor, hi: Tensor) -> Tensor:
     """log(Phi(hi) - Phi(lo)) for lo < hi, with Phi the standard normal CDF; -inf and +inf ends allowed.
 
     Computed in whichever tail is accurate: for lo > 0 the interval is reflected (Phi(hi) - Phi(lo) =
-    Phi(-lo) - Phi(-hi)) so that log_ndtr never has to resolve a difference of two numbers close to one.
+    Phi(-lo) - Phi(-hi)) so that log_ndtr never has to resolve a difference of two numbers close to one. Computed
+    in float64 whatever the inputs' dtype: in float32, log_ndtr's gradient is inaccurate and then non-finite far in
+    the tail (|x - mean| / sigma beyond ~10^3, a pixel scale at its floor).
     """
+    dtype = lo.dtype
+    lo, hi = lo.double(), hi.double()
     flip = lo > 0
     a = torch.where(flip, -hi, lo)
     b = torch.where(flip, -lo, hi)
     log_b = torch.special.log_ndtr(b)
     log_a = torch.special.log_ndtr(a)
-    return log_b + log1mexp(torch.clamp(log_a - log_b, max=-1e-30))
+    return (log_b + log1mexp(torch.clamp(log_a - log_b, max=-1e-30))).to(dtype)
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor, bins: int = 256) -> Tensor:

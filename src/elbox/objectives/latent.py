@@ -124,6 +124,10 @@ class LDM(ELBOModel):
     def draws_images(self) -> bool:
         return self.vae.draws_images
 
+    @property
+    def discrete(self) -> bool:
+        return self.vae.discrete
+
     def train(self, mode: bool = True) -> "LDM":
         super().train(mode)
         self.vae.eval()  # frozen, whatever the trainer asks

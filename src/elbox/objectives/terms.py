@@ -36,6 +36,25 @@ def bits_per_dim(nats: Tensor | float, dims: int) -> Tensor | float:
     return nats / (dims * LN2)
 
 
+#: what each term is, in words a user knows (for messages; a prefix "prior/" is the prior's term of the same name)
+TERM_WORDS = {
+    "decoder_nll": "the decoder's negative log-likelihood -log p(x|z) (L_0 for a DDPM)",
+    "kl": "the KL term",
+    "steps": "the diffusion term L_t at the sampled timestep",
+    "prior": "the prior term L_T",
+    "neg_entropy": "the encoder's negative entropy",
+    "log_scale": "the latent scale's log-Jacobian",
+}
+
+
+def term_words(name: str) -> str:
+    """``name`` in words: "the KL term", "the latent prior's diffusion term L_t ..." for "prior/steps"."""
+    if "/" in name:
+        prefix, rest = name.split("/", 1)
+        return f"{term_words(rest)} of the {'latent prior' if prefix == 'prior' else prefix}"
+    return TERM_WORDS.get(name, f"the term {name!r}")
+
+
 def log_mean_exp_in_chunks(log_weights, k: int, chunk: int) -> Tensor:
     """log 1/k sum_i w_i from ``log_weights(n)`` -> (n, B) log-weights, called ``chunk`` at a time: the
     importance-weighted estimate of Burda et al. 2016, eq. 8, in bounded memory."""

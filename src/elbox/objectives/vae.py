@@ -94,8 +94,13 @@ class VAEConfig:
         assert set(typing.get_args(Activation)) <= set(ACTIVATIONS)
         assert set(typing.get_args(DecoderName)) == set(DECODERS)
         assert set(typing.get_args(Arch)) == set(ARCHS)
-        if self.latent_dim < 1:
-            raise UserError(f"latent_dim={self.latent_dim} is not allowed; use an integer >= 1")
+        if not 1 <= self.latent_dim <= 65536:
+            raise UserError(f"latent_dim={self.latent_dim} is not allowed; use an integer from 1 to 65536")
+        for name in ("hidden", "conv_channels"):
+            if any(c > 65536 for c in getattr(self, name)) or len(getattr(self, name)) > 64:
+                raise UserError(f"{name}={list(getattr(self, name))} is too large; use at most 64 sizes of at most 65536")
+        if self.latent_channels > 4096 or self.ar_channels > 4096 or self.ar_kernel > 63:
+            raise UserError("latent_channels and ar_channels must be <= 4096 and ar_kernel <= 63")
         if self.latent_channels < 0:
             raise UserError(f"latent_channels={self.latent_channels} is not allowed; use 0 (a vector z) or >= 1")
         if self.latent_channels and self.arch != "conv":
@@ -159,8 +164,6 @@ class VAE(ELBOModel):
     def __init__(self, config: VAEConfig, data_shape: tuple[int, ...]) -> None:
         super().__init__(config, data_shape)
         shape = self.data_shape
-        if not shape or any(d < 1 for d in shape):
-            raise UserError(f"the VAE needs a data shape (C, H, W) or (D,) of positive sizes; got {shape}")
         if config.arch != "mlp" and len(shape) != 3:
             raise UserError(f"arch {config.arch!r} needs image data of shape (C, H, W); got shape {shape} (use 'mlp')")
         if config.ar_kernel and len(shape) != 3:
@@ -181,6 +184,11 @@ class VAE(ELBOModel):
     @property
     def data_range(self) -> str:
         return self.likelihood.data_range
+
+    @property
+    def discrete(self) -> bool:
+        """Bernoulli and the discretized decoders give probabilities; the Gaussian decoder a density of x."""
+        return self.config.decoder != "gaussian"
 
     @property
     def latent_dim(self) -> int:

@@ -34,6 +34,7 @@ Randomness: why one process, k processes and gradient accumulation train the sam
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -46,12 +47,15 @@ from torch import nn
 
 from elbox import checkpoint as ckpt
 from elbox import draws
+from elbox.api import record_evaluation
+from elbox.checkpoint import write_text_atomic
 from elbox.config import RunConfig, TrainConfig
 from elbox.data import to_model
 from elbox.data.dataset import derive_seed
 from elbox.errors import UserError
+from elbox.metrics.likelihood import Evaluation
 from elbox.objectives.base import ELBOModel
-from elbox.objectives.terms import Terms
+from elbox.objectives.terms import Terms, term_words
 from elbox.training.distributed import DistInfo, any_rank, from_main, mean_over_ranks, setup, teardown, wait_for_all
 from elbox.training.ema import EMA
 from elbox.training.outputs import (
@@ -64,7 +68,9 @@ from elbox.training.outputs import (
     write_reconstructions,
     write_samples,
 )
-from elbox.training.session import DATA_KINDS, Run, check_setup, resolve, set_up
+from elbox.training.session import DATA_KINDS, Run, build_model, check_setup, resolve, set_up
+
+SKIPPED_FILES = "skipped-files.txt"
 
 
 @dataclass
@@ -77,9 +83,11 @@ class TrainResult:  # pragma: no mutate block
     images_per_second: float
     heldout_bpd: float | None
     heldout_examples: int | None  # how many held-out examples heldout_bpd is the mean over
+    heldout: Evaluation | None = None  # the whole held-out evaluation (its terms; whether it is a discrete bound)
     stopped_by: str | None = None  # "SIGINT"/"SIGTERM" when a signal ended the run early
     skipped: int = 0  # steps whose update was skipped for a NaN/Inf (on_nonfinite="skip")
     is_main: bool = True  # rank 0, the process that wrote the run folder
+    skipped_files: tuple[str, ...] = ()  # unreadable data files left out (--skip-bad), listed in SKIPPED_FILES
 
     @property
     def interrupted(self) -> bool:
@@ -88,7 +96,7 @@ class TrainResult:  # pragma: no mutate block
     def written(self) -> list[Path]:
         """What this run wrote, for the summary line."""
         paths = [self.checkpoint, self.samples, self.run_dir / METRICS, self.run_dir / "loss.png",
-                 self.run_dir / "tensorboard"]
+                 self.run_dir / "tensorboard", self.run_dir / SKIPPED_FILES]
         return [p for p in paths if p is not None and p.exists()]
 
 
@@ -103,10 +111,14 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
         # the data or the model's settings stops here, before the run folder exists.
         dataset = cfg.data.load("train")
         cfg = resolve(cfg, DATA_KINDS[dataset.kind])
+        torch.manual_seed(cfg.train.seed)  # the initial weights: the same on every rank
+        model = build_model(cfg, dataset.shape)
         folder = from_main(lambda: RunFolder(out, cfg, resume), info, share=False)
-        run = set_up(cfg, dataset, out, folder, info, resume)  # model, optimizer, EMA; a resume puts them back
+        if folder is not None and dataset.skipped:  # --skip-bad: which files were left out, for the record
+            write_text_atomic(out / SKIPPED_FILES, "".join(f"{name}\n" for name in dataset.skipped))
+        run = set_up(cfg, dataset, model, out, folder, info, resume)  # optimizer, EMA; a resume puts them back
         loop = _loop(run)
-        return _finish(run, loop)
+        return dataclasses.replace(_finish(run, loop), skipped_files=dataset.skipped)
     except OSError as e:
         if e.errno not in ckpt.DISK_FULL:
             raise
@@ -114,8 +126,10 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
         latest = ckpt.latest_checkpoint(out, verify=False)
         kept = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint was written yet"
         where = f" ({e.filename})" if e.filename else ""
+        again = (f"`elbox train --resume {out}`" if (out / "config.toml").is_file()
+                 else "run the same command again")  # a hint must be a command that works
         raise UserError(f"the disk is full ({e.strerror}) while writing to the run folder {out}{where}; {kept}; "
-                        f"free some space, then `elbox train --resume {out}`") from None
+                        f"free some space, then {again}") from None
     finally:
         if folder is not None:
             folder.close()
@@ -137,7 +151,7 @@ def _loop(run: Run) -> _LoopEnd:  # pragma: no mutate block
                progress_bar(t, run.step) if info.is_main else None)
     batches = run.loader.forever()
     start = time.perf_counter()
-    images_seen = skipped = 0
+    images_seen = skipped = in_a_row = 0
     stopped_by: str | None = None
     try:
         with _StopSignal() as stop:
@@ -145,8 +159,9 @@ def _loop(run: Run) -> _LoopEnd:  # pragma: no mutate block
                 done = train_step(run.step, next(batches), t=t, model=run.model, loss_module=run.loss_module,
                                   optimizer=run.optimizer, scaler=run.scaler, ema=run.ema, info=info,
                                   micro_rows=run.micro_rows, stop_received=stop.received is not None)
+                in_a_row = in_a_row + 1 if done.nonfinite is not None else 0
                 if done.nonfinite is not None:
-                    _on_nonfinite(run, done.nonfinite, log.metrics)  # stops the run, or counts a skipped update
+                    _on_nonfinite(run, done.nonfinite, log.metrics, in_a_row)  # stops, or counts a skipped update
                     skipped += 1
                 run.step += 1
                 images_seen += t.batch_size
@@ -160,14 +175,19 @@ def _loop(run: Run) -> _LoopEnd:  # pragma: no mutate block
     return _LoopEnd(time.perf_counter() - start, images_seen, skipped, stopped_by)
 
 
-def _on_nonfinite(run: Run, where: str, metrics: MetricsLog | None) -> None:  # pragma: no mutate block
-    """A NaN/Inf in this step (its update was skipped): stop, naming the step and the term, unless told to skip."""
-    if run.cfg.train.on_nonfinite == "skip":
+def _on_nonfinite(run: Run, where: str, metrics: MetricsLog | None, in_a_row: int) -> None:  # pragma: no mutate block
+    """A NaN/Inf in this step (its update was skipped): stop, naming the step and the term, unless told to skip
+    (and fewer than ``max_skips`` steps in a row were)."""
+    t = run.cfg.train
+    if t.on_nonfinite == "skip" and in_a_row < t.max_skips:
         return
     if metrics is not None:
         metrics.write({"step": run.step + 1, "nonfinite": where, "stopped": True})
     kept = (f"the last checkpoint, {run.last_checkpoint}, is untouched" if run.last_checkpoint
             else "no checkpoint was written yet")
+    if t.on_nonfinite == "skip":
+        raise UserError(f"non-finite value (NaN/Inf) in {where} in {in_a_row} steps in a row, the last at step "
+                        f"{run.step + 1}; stopped; {kept}; try a lower --lr or --grad-clip")
     raise UserError(f"non-finite value (NaN/Inf) in {where} at step {run.step + 1}; stopped; {kept}; try a lower "
                     f"--lr, --grad-clip, or --on-nonfinite skip")
 
@@ -232,12 +252,14 @@ def _finish(run: Run, loop: _LoopEnd) -> TrainResult:  # pragma: no mutate block
             write_reconstructions(run.sampling_model, run.cfg.data, run.out / "reconstructions.png", t)
             if t.final_eval_examples > 0:
                 heldout = heldout_bound(run.sampling_model, run.cfg, t.final_eval_examples, info.device)
+                record_evaluation(run.out, {"checkpoint": last.name, "ema": run.ema is not None, "when": "training",
+                                            **heldout.to_dict()})
     wait_for_all(info)  # rank 0's last outputs take a while: the ranks leave together
     return TrainResult(run_dir=run.out, step=run.step, checkpoint=last, samples=samples, seconds=loop.seconds,
                        images_per_second=loop.images_seen / max(loop.seconds, 1e-9),
                        heldout_bpd=heldout.bpd if heldout else None,
                        heldout_examples=heldout.examples if heldout else None,
-                       stopped_by=loop.stopped_by, skipped=loop.skipped, is_main=info.is_main)
+                       heldout=heldout, stopped_by=loop.stopped_by, skipped=loop.skipped, is_main=info.is_main)
 
 
 # Mutation testing (issue 9) covers the training step (train_step and the helpers it calls); the set-up, the loop's
@@ -322,7 +344,7 @@ def _nonfinite_where(terms_seen: list[Terms]) -> str:
     for terms in terms_seen:
         for name, value in terms.terms.items():
             if not torch.isfinite(value).all():
-                return f"term {name!r}"
+                return term_words(name)
         if not torch.isfinite(terms.loss).all():
             return "the loss"
     return "the gradient"

@@ -37,6 +37,8 @@ class RunFolder:
 
     def __init__(self, out: Path, cfg: RunConfig, resume: bool) -> None:
         self.path = out
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder; choose another --out")
         if resume:
             if not (out / "config.toml").is_file():
                 raise UserError(f"cannot resume {out}: it holds no config.toml (is it a folder written by `elbox train --out`?)")

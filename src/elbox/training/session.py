@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from elbox.errors import UserError
 from elbox.objectives.base import ELBOModel
 from elbox.training.distributed import DistInfo, from_main, gather
 from elbox.training.ema import EMA
-from elbox.training.outputs import RunFolder
+from elbox.training.outputs import METRICS, RunFolder, read_metrics
 
 #: what a data set's examples are, in the words of the models' configs (``ELBOModel.resolve_config``)
 DATA_KINDS = {"image": "8bit", "vector": "continuous"}
@@ -79,6 +80,13 @@ class Run:  # pragma: no mutate block
         """A checkpoint at the current step: every rank hands over its RNG and loader states; rank 0 writes (and
         everyone learns where)."""
         info, model, ema = self.info, self.model, self.ema
+        bad = [name for name, module in (("weights", model), ("EMA weights", ema.model if ema else None))
+               if module is not None and not ckpt.all_finite(module.state_dict())]
+        if bad:  # never a checkpoint nobody can use (the same on every rank: DDP keeps the weights identical)
+            kept = (f"the last checkpoint, {self.last_checkpoint}, is untouched" if self.last_checkpoint
+                    else "no checkpoint was written")
+            raise UserError(f"the {bad[0]} hold NaN/Inf at step {self.step}; not saved; {kept}; try a lower --lr "
+                            f"or --grad-clip")
         mine = {"rng": ckpt.rng_states(info.device), "loader": self.loader.state_dict()}
         if info.enabled:  # proof that every rank holds bit-identical weights and EMA weights (DDP's promise)
             mine["digests"] = {"model": ckpt.tensors_digest(model.state_dict()),
@@ -97,10 +105,10 @@ class Run:  # pragma: no mutate block
         return self.last_checkpoint
 
 
-def set_up(cfg: RunConfig, dataset: Dataset, out: Path, folder: RunFolder | None, info: DistInfo,
+def set_up(cfg: RunConfig, dataset: Dataset, model: ELBOModel, out: Path, folder: RunFolder | None, info: DistInfo,
            resume: bool) -> Run:  # pragma: no mutate block
-    """Loader, model, optimizer and EMA for this process, put back as the latest checkpoint left them on a resume.
-    ``cfg`` is resolved (``resolve``) for ``dataset``, the training split."""
+    """Loader, optimizer and EMA for this process and ``model`` (just built, from ``cfg`` resolved for ``dataset``,
+    the training split), put back as the latest checkpoint left them on a resume."""
     t = cfg.train
     rank_batch = t.batch_size // info.world_size  # check_setup has made sure that it divides
     # 1. Data: every data set is uint8 in memory. Each rank's loader yields its share of each step's batch.
@@ -110,9 +118,8 @@ def set_up(cfg: RunConfig, dataset: Dataset, out: Path, folder: RunFolder | None
     # 2. Model, optimizer, EMA: identical on every rank.
     if info.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls (and cuDNN convolutions, its default)
-    torch.manual_seed(t.seed)
-    model = build_model(cfg, dataset.shape).to(info.device)
-    state = from_main(lambda: _read_latest(out), info) if resume else None
+    model = model.to(info.device)
+    state = from_main(lambda: _read_latest(out, t.checkpoint_every), info) if resume else None
     if state is None:  # a new run: a model built on another trained model (latent diffusion's VAE) loads it now
         model.initialize(to_model(dataset.data[:512], model.data_range,
                                   generator=torch.Generator().manual_seed(t.seed)).to(info.device))
@@ -168,6 +175,13 @@ def check_setup(t: TrainConfig, info: DistInfo) -> int:  # pragma: no mutate blo
         raise UserError(f"train.ema_decay={t.ema_decay} is not allowed; use 0 <= decay < 1 (0 turns EMA off)")
     if t.grad_clip < 0:
         raise UserError(f"train.grad_clip={t.grad_clip} is not allowed; use a value >= 0 (0 turns clipping off)")
+    if t.compile:
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if t.compile_backend not in known:
+            raise UserError(f"compile_backend={t.compile_backend!r} is not known to torch.compile; choose one of "
+                            f"{', '.join(known)}")
     if t.precision == "fp16" and info.device.type == "cpu":
         raise UserError("precision='fp16' needs a GPU; on the CPU use bf16 or fp32")
     if t.batch_size % (info.world_size * t.grad_accum):
@@ -192,9 +206,26 @@ def compile_networks(model: ELBOModel, backend: str) -> None:
         if any(True for _ in child.parameters()):
             child.compile(backend=backend)
 
-def _read_latest(out: Path) -> ckpt.Checkpoint | None:  # pragma: no mutate block
-    latest = ckpt.latest_checkpoint(out)
-    return ckpt.load_checkpoint(latest) if latest is not None else None
+def _read_latest(out: Path, checkpoint_every: int) -> ckpt.Checkpoint | None:  # pragma: no mutate block
+    """The newest valid checkpoint of the run (invalid newer ones are moved aside, with a note). A run whose
+    metrics passed a checkpoint step but that has no checkpoint left is refused, not silently restarted at step 0;
+    one stopped before its first checkpoint starts again, saying so."""
+    latest, notes = ckpt.latest_valid_checkpoint(out)
+    for note in notes:
+        print(f"elbox: note: {note}", file=sys.stderr, flush=True)
+    if latest is not None:
+        return ckpt.load_checkpoint(latest)
+    if notes:  # it had checkpoints, and none of them is valid: nothing to resume from
+        raise UserError(f"{out} has no valid checkpoint to resume from ({notes[-1]}); train a new run with "
+                        f"`elbox train --config {out / 'config.toml'} --out NEW_FOLDER`")
+    reached = max((r["step"] for r in read_metrics(out / METRICS)), default=0)
+    if reached > checkpoint_every:  # past its first checkpoint step: a checkpoint was written, and is gone
+        raise UserError(f"{out} has no valid checkpoint left, but its metrics reach step {reached}; resuming would "
+                        f"start again at step 0 and drop them; train a new run with "
+                        f"`elbox train --config {out / 'config.toml'} --out NEW_FOLDER`")
+    print(f"elbox: note: {out} has no checkpoint yet (stopped before step {checkpoint_every}); starting at step 0",
+          file=sys.stderr, flush=True)
+    return None
 
 def _restore(state: ckpt.Checkpoint, run: Run) -> int:  # pragma: no mutate block
     """Put a run back exactly as it was when ``state`` was saved; return its step."""

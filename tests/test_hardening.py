@@ -1,0 +1,236 @@
+"""Failure paths (issue 12): each ends in one clear line, leaves nothing in the way of the corrected command, and
+never reports a wrong number. One test per class of problem, on real runs and real files."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_train import FlakyDDPM, flaky_run
+
+import elbox
+from elbox import checkpoint as ckpt
+from elbox.cli import main
+from elbox.config import MODELS, DDPMConfig
+from elbox.data.dataset import seeded_test_mask
+from elbox.errors import UserError
+from elbox.objectives.gaussian import discretized_gaussian_log_likelihood
+from elbox.training.loop import train
+
+TINY = ["--net", "micro", "--timesteps", "5", "--steps", "2", "--batch-size", "8", "--checkpoint-every", "1",
+        "--num-samples", "4", "--final-eval-examples", "8", "--quiet"]
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("elbox: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("hardening") / "run"
+    assert main(["train", "--out", str(run), *TINY]) == 0
+    return run
+
+
+# ---------------------------------------------------------------------------------- nothing in the way
+@pytest.mark.parametrize("flags, words", [
+    (["--net", "nonet"], "is not a U-Net preset"),
+    (["--data", "nosuchset"], "nosuchset"),
+    (["--channels", "2"], "channels"),
+    (["--compile", "--compile-backend", "nobackend"], "compile_backend"),
+])
+def test_a_failed_start_creates_nothing(tmp_path, capsys, flags, words):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY, *flags]) == 2
+    assert words in one_line(capsys)
+    assert not out.exists()  # the corrected command is not refused for a folder the mistake made
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert main(["train", "--out", str(tmp_path / "file"), *TINY]) == 2
+    assert "is a file, not a folder" in one_line(capsys)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_an_invalid_newer_checkpoint_is_moved_aside_and_the_run_resumes(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    foreign = run / "checkpoints" / "step-0000003"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a checkpoint")
+    assert main(["train", "--resume", str(run), "--steps", "4"]) == 0
+    assert "moved the invalid checkpoint" in capsys.readouterr().err
+    assert (run / "checkpoints" / "step-0000003.invalid" / "notes.txt").is_file()  # nothing the user had is lost
+    assert ckpt.latest_checkpoint(run).name == "step-0000004"
+
+
+def test_a_run_whose_checkpoints_are_gone_is_not_silently_restarted(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "checkpoints")
+    metrics = (run / "metrics.jsonl").read_text()
+    assert main(["train", "--resume", str(run), "--steps", "4"]) == 2
+    assert "no valid checkpoint left" in one_line(capsys)
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_evaluate_never_overwrites_and_sample_writes_into_a_folder(tiny_run, tmp_path, capsys):
+    mine = tmp_path / "steps.json"
+    mine.write_text("mine")
+    assert main(["evaluate", str(tiny_run), "--examples", "4", "--per-step", str(mine)]) == 2
+    assert "never overwrites" in one_line(capsys) and mine.read_text() == "mine"
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    assert main(["sample", str(tiny_run), "--num", "4", "--out", str(folder)]) == 0
+    assert [p.name for p in folder.iterdir()] == ["samples-prior-seed0.png"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["sample", "RUN", "--batch-size", "0"], "--batch-size 0"),
+    (["evaluate", "RUN", "--batch-size", "-3"], "--batch-size -3"),
+    (["evaluate", "RUN", "--k", "0", "--metric", "nll"], "--k 0"),
+    (["sample", "RUN", "--sampling-steps", "0", "--sampler", "ddim"], "--sampling-steps 0"),
+])
+def test_sample_and_evaluate_settings_are_checked(tiny_run, capsys, argv, words):
+    assert main([str(tiny_run) if a == "RUN" else a for a in argv]) == 2
+    assert words in one_line(capsys)
+
+
+def test_a_mistyped_data_dir_offline_creates_nothing(tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):  # this machine is offline anyway; a CI machine might not be
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    where = tmp_path / "typo" / "deeper"
+    assert main(["train", "--out", str(tmp_path / "run"), "--data", "mnist", "--data-dir", str(where), *TINY]) == 2
+    one_line(capsys)
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------- non-finite numbers
+class NaNWeightsDDPM(FlakyDDPM):
+    """From step 1 on, a weight is NaN (a blown-up update): every later loss is NaN too."""
+
+    def losses(self, x, *, step=0):
+        if step >= 1:
+            with torch.no_grad():
+                next(self.net.parameters()).view(-1)[0] = float("nan")
+        return super().losses(x, step=step)
+
+
+def test_skipping_stops_after_max_skips_in_a_row(monkeypatch, tmp_path):
+    cfg, run = flaky_run(monkeypatch, tmp_path, {}, steps=20, on_nonfinite="skip", max_skips=3)
+    monkeypatch.setitem(MODELS, "flaky", (DDPMConfig, NaNWeightsDDPM))
+    cfg.train.checkpoint_every = 100
+    with pytest.raises(UserError, match="in 3 steps in a row, the last at step 4; stopped; no checkpoint was written"):
+        train(cfg, run)
+
+
+def test_a_nan_checkpoint_is_never_saved(monkeypatch, tmp_path):
+    cfg, run = flaky_run(monkeypatch, tmp_path, {}, steps=20, on_nonfinite="skip")  # a checkpoint every step
+    monkeypatch.setitem(MODELS, "flaky", (DDPMConfig, NaNWeightsDDPM))
+    with pytest.raises(UserError, match="the weights hold NaN/Inf at step 2; not saved; the last checkpoint, .*"
+                                        "step-0000001, is untouched"):
+        train(cfg, run)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-0000001"]
+
+
+def test_a_nan_checkpoint_is_refused_by_sample_and_evaluate(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = ckpt.load_checkpoint(run)
+    nan = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.model.items()}
+    ckpt.save_checkpoint(run, state.step + 1, description=state.description, model_state=nan, ema_state=nan,
+                         optimizer_state=None, rng=state.rng, extra={"loader": state.manifest["loader"]}, keep=5)
+    for argv in (["sample", str(run)], ["evaluate", str(run), "--examples", "4"]):
+        assert main(argv) == 2
+        assert "holds NaN/Inf weights" in one_line(capsys)
+
+
+def test_the_discretized_gaussian_gradient_is_right_far_in_the_tail():
+    """log_ndtr's float32 gradient was off by 10x and then non-finite beyond ~10^3 scales: float64 inside."""
+    x = torch.tensor([1.0, -1.0, 0.0, 0.5])
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        mean = torch.tensor([-0.9, 0.9, 0.9, -0.5], dtype=dtype, requires_grad=True)
+        log_scale = torch.full((4,), -9.0, dtype=dtype, requires_grad=True)  # |x - mean| / sigma ~ 10^4
+        discretized_gaussian_log_likelihood(x.to(dtype), mean, log_scale).sum().backward()
+        grads.append(torch.cat([mean.grad, log_scale.grad]).double())
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=0.0)
+
+
+def test_a_density_is_not_called_bits_per_dim(tmp_path, capsys):
+    run = tmp_path / "vae"
+    assert main(["train", "vae", "--out", str(run), "--decoder", "gaussian", "--hidden", "16", "--latent-dim", "2",
+                 *TINY[4:]]) == 0
+    assert "bits/dim of a density (continuous data" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--examples", "4"]) == 0
+    assert "bits/dim of a density" in capsys.readouterr().out
+    assert not elbox.load(run).discrete
+
+
+# ---------------------------------------------------------------------------------- data edges
+def test_a_seeded_split_of_two_or_more_keeps_both_sides():
+    for n in range(2, 30):
+        mask = seeded_test_mask([f"img{i}.png" for i in range(n)], seed=0)
+        assert mask.any() and not mask.all(), n
+
+
+def test_skip_bad_reports_the_files_it_skipped(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("L", (8, 8), color=i * 20).save(folder / f"{i:02d}.png")
+    for name in ("bad1.png", "bad2.png"):
+        (folder / name).write_text("not an image")
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--data", f"folder:{folder}", *TINY]) == 2
+    message = one_line(capsys)
+    assert "cannot read 2 image file(s)" in message and "bad1.png" in message and "bad2.png" in message
+    assert main(["train", "--out", str(run), "--data", f"folder:{folder}", "--skip-bad", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "2 unreadable data file(s) skipped (bad1.png, bad2.png" in out
+    assert (run / "skipped-files.txt").read_text().split() == ["bad1.png", "bad2.png"]
+
+
+# ---------------------------------------------------------------------------------- one line, right words
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--latent-dim", "3"], "--latent-dim is a flag of the vae model: `elbox train vae --latent-dim"),
+    (["train", "vae", "--timesteps", "3"], "--timesteps is a flag of the ddpm model"),
+    (["train", "--learning-rate", "1e-3"], "elbox calls it --lr"),
+    (["sample", "RUN", "--num-inference-steps", "3"], "elbox calls it --sampling-steps"),
+    (["train", "--lrr", "1"], "did you mean --lr?"),
+])
+def test_flag_mistakes_name_the_right_flag(capsys, argv, words):
+    assert main([a if a != "RUN" else "x" for a in argv]) == 2
+    assert words in one_line(capsys)
+
+
+def test_the_manifest_is_validated_before_anything_is_built(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    path = ckpt.latest_checkpoint(run)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    for change, words in (
+        (lambda m: m["files"].update({"../../x": "0" * 64}), "unknown file '../../x'"),
+        (lambda m: m["files"].pop("model.safetensors"), "files must map model.safetensors"),
+        (lambda m: m["model"].update(data_shape=[1, 100000, 100000]), "data_shape"),
+        (lambda m: m["model"]["config"].update(base_channels=4000), "different model"),
+        (lambda m: m["model"].update(data=[1]), "model.data must be an object"),
+        (lambda m: m.update(step="3"), "step must be an integer"),
+    ):
+        bad = json.loads(json.dumps(manifest))
+        change(bad)
+        bad["checksum"] = ckpt._manifest_checksum(bad)  # anyone can recompute it
+        (path / ckpt.MANIFEST).write_text(json.dumps(bad))
+        assert main(["sample", str(path)]) == 2
+        assert words in one_line(capsys), words
