@@ -234,3 +234,22 @@ def test_the_manifest_is_validated_before_anything_is_built(tiny_run, tmp_path, 
         (path / ckpt.MANIFEST).write_text(json.dumps(bad))
         assert main(["sample", str(path)]) == 2
         assert words in one_line(capsys), words
+
+
+def test_a_folder_too_small_for_a_test_split_still_finishes(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("L", (8, 8), color=100).save(tmp_path / "imgs" / "a.png")
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--data", f"folder:{tmp_path / 'imgs'}", "--batch-size", "1",
+                 "--net", "micro", "--timesteps", "5", "--steps", "2", "--num-samples", "4", "--quiet"]) == 0
+    assert "no held-out bound: the test split" in capsys.readouterr().err
+    assert ckpt.latest_checkpoint(run).name == "step-0000002"
+
+
+def test_vector_data_gets_the_mlp_by_default(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--data", "toy2d:moons", "--timesteps", "5", "--steps", "2",
+                 "--batch-size", "16", "--final-eval-examples", "16", "--quiet"]) == 0
+    assert elbox.load(run).config.net == "auto" and type(elbox.load(run).net).__name__ == "MLPDenoiser"

@@ -17,3 +17,7 @@ def check(condition: bool, message: str) -> None:
     """Raise UserError(message) unless condition holds."""
     if not condition:
         raise UserError(message)
+
+
+class EmptySplit(UserError):
+    """A data set's split holds no example (a folder of one image has no test split)."""

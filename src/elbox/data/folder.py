@@ -36,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from elbox.data import cache
 from elbox.data.dataset import OFFICIAL_SPLIT, Dataset, mixed_order, seeded_split_info, seeded_test_mask
-from elbox.errors import UserError
+from elbox.errors import EmptySplit, UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
@@ -351,7 +351,7 @@ def load(path: Path, split: str, *, image_size: int | None, channels: int | None
     index, split_info = select_split(tree, split, seed)
     if len(index) == 0:
         how = "the official split" if split_info["method"] == "official" else f"a seeded split (seed {seed}, ~10% test)"
-        raise UserError(f"the {split} split of {path} is empty ({len(tree.paths)} images, {how}); add images")
+        raise EmptySplit(f"the {split} split of {path} is empty ({len(tree.paths)} images, {how}); add images")
     labels = torch.from_numpy(tree.labels[index]) if tree.labels is not None else None
     h, w = tree.images.shape[-2:]
     how = "official train/test folders" if split_info["method"] == "official" else f"seeded split, seed {seed}"

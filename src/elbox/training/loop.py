@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ from elbox.checkpoint import write_text_atomic
 from elbox.config import RunConfig, TrainConfig
 from elbox.data import to_model
 from elbox.data.dataset import derive_seed
-from elbox.errors import UserError
+from elbox.errors import EmptySplit, UserError
 from elbox.metrics.likelihood import Evaluation
 from elbox.objectives.base import ELBOModel
 from elbox.objectives.terms import Terms, term_words
@@ -250,8 +251,12 @@ def _finish(run: Run, loop: _LoopEnd) -> TrainResult:  # pragma: no mutate block
         if loop.stopped_by is None:
             samples = write_samples(run.sampling_model, run.out / "samples.png", t)
             write_reconstructions(run.sampling_model, run.cfg.data, run.out / "reconstructions.png", t)
-            if t.final_eval_examples > 0:
-                heldout = heldout_bound(run.sampling_model, run.cfg, t.final_eval_examples, info.device)
+            try:
+                heldout = (heldout_bound(run.sampling_model, run.cfg, t.final_eval_examples, info.device)
+                           if t.final_eval_examples > 0 else None)
+            except EmptySplit as e:  # a finished training does not fail for want of held-out data
+                print(f"elbox: note: no held-out bound: {e}", file=sys.stderr, flush=True)
+            if heldout is not None:
                 record_evaluation(run.out, {"checkpoint": last.name, "ema": run.ema is not None, "when": "training",
                                             **heldout.to_dict()})
     wait_for_all(info)  # rank 0's last outputs take a while: the ranks leave together
