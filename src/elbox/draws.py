@@ -59,22 +59,24 @@ def global_batch(seed: int, rows: Tensor, total: int) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
-def randn_like(x: Tensor) -> Tensor:
-    """Standard normal noise shaped like x (B, ...)."""
+def _like(fn, x: Tensor) -> Tensor:
+    """``fn`` (torch.randn or torch.rand) shaped like x (B, ...): from the global RNG outside a trainer, else for the
+    whole global batch from its seeded stream, this micro-batch's rows kept."""
     gb = _CURRENT.get()
     if gb is None:
-        return torch.randn_like(x)
-    full = torch.randn((gb.total, *x.shape[1:]), generator=gb.generator(x.device), dtype=x.dtype, device=x.device)
+        return fn(x.shape, dtype=x.dtype, device=x.device)
+    full = fn((gb.total, *x.shape[1:]), generator=gb.generator(x.device), dtype=x.dtype, device=x.device)
     return gb.keep(full, x.shape[0])
+
+
+def randn_like(x: Tensor) -> Tensor:
+    """Standard normal noise shaped like x (B, ...)."""
+    return _like(torch.randn, x)
 
 
 def rand_like(x: Tensor) -> Tensor:
     """Uniform noise in [0, 1) shaped like x (B, ...)."""
-    gb = _CURRENT.get()
-    if gb is None:
-        return torch.rand_like(x)
-    full = torch.rand((gb.total, *x.shape[1:]), generator=gb.generator(x.device), dtype=x.dtype, device=x.device)
-    return gb.keep(full, x.shape[0])
+    return _like(torch.rand, x)
 
 
 def randint(high: int, n: int, device: torch.device) -> Tensor:
