@@ -11,6 +11,7 @@ import json
 import random
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -77,7 +78,7 @@ def test_sigkill_at_random_moments_never_leaves_a_bad_checkpoint(tmp_path):
              "--checkpoint-every", K, "--keep-checkpoints", "2", "--log-every", "1", "--final-eval-examples", "0"]
     rng = random.Random(20240601)
     kills = mid_save = in_startup = 0
-    startup = 0.0
+    startup, startups = 0.0, []
     seen: set[str] = set()
     for i in range(20):
         latest = ckpt.latest_checkpoint(run)
@@ -90,7 +91,10 @@ def test_sigkill_at_random_moments_never_leaves_a_bad_checkpoint(tmp_path):
             in_startup += last_reported_step(run) <= resume_step
         else:  # once it trains again, somewhere in its first 0.2 s
             wait_for_step(run, resume_step + 1, proc, old_inode=inode)
-            startup = max(startup, time.monotonic() - started)
+            # the median start-up: one slow start (a fresh venv's first imports) must not push every later
+            # "in start-up" kill past the start-up it aims at
+            startups.append(time.monotonic() - started)
+            startup = statistics.median(startups)
             time.sleep(rng.uniform(0, 0.2))
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
