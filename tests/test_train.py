@@ -290,6 +290,28 @@ def test_bf16_autocast_trains_on_the_cpu_and_fp16_is_refused(tmp_path, capsys):
     assert "fp16' needs a GPU" in capsys.readouterr().err
 
 
+def test_precision_auto_is_bf16_where_the_cpu_has_it_natively_and_is_saved_resolved(tmp_path, monkeypatch):
+    import tomllib
+
+    from elbox.training import session
+
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").is_file() else ""
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert ("avx512_bf16" in session.cpu_flags()) == ("avx512_bf16" in flags.split())
+    run = tmp_path / "auto"
+    run_train("--out", run, *TINY, "--steps", "2", "--final-eval-examples", "0", "--precision", "auto")
+    saved = tomllib.loads((run / "config.toml").read_text())["train"]["precision"]
+    assert saved == ("bf16" if native else "fp32")  # what ran is written down, so a resume runs it again
+    # the rule itself, for the CPUs this machine is not: native bf16 -> bf16; AVX2/AVX-512 without it -> fp32
+    cfg = RunConfig(train=TrainConfig(precision="auto"))
+    for cpu, expected in (({"avx2", "avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"),
+                          ({"avx2", "avx512f", "avx512bw"}, "fp32"), (set(), "fp32")):
+        monkeypatch.setattr(session, "cpu_flags", lambda cpu=cpu: cpu)
+        assert session.resolve_precision(cfg, torch.device("cpu")).train.precision == expected, cpu
+    fixed = RunConfig(train=TrainConfig(precision="fp32"))
+    assert session.resolve_precision(fixed, torch.device("cpu")).train.precision == "fp32"  # only auto is resolved
+
+
 def test_compile_traces_the_networks_and_trains(tmp_path):
     # aot_eager runs torch.compile's tracing (dynamo + AOT autograd) without generating C++ (a minute on a CPU);
     # test_compile_with_inductor below runs the default backend when ELBOX_SLOW=1

@@ -18,6 +18,7 @@ the trainer seeds it). Tiny models on the embedded 8x8 digits, on the CPU.
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -225,6 +226,23 @@ def test_lr_warmup_is_linear_and_scales_the_update():
         update, outcome = sgd_step(cfg, model, batch, step)
         assert outcome.lr == pytest.approx(expected_lr, rel=1e-12)
         assert_same_update(update, -expected_lr * g, model)
+
+
+def test_cosine_schedule_follows_its_formula_after_the_warm_up_and_scales_the_update():
+    # lr_t = lr * (1 + cos(pi * (t - w) / (T - w))) / 2 after w warm-up steps (Loshchilov & Hutter 2017)
+    batch, base_lr, warmup, steps = digits_batch(), 0.2, 2, 6
+    cfg = tiny(lr=base_lr, warmup_steps=warmup, lr_schedule="cosine", steps=steps)
+    model = fresh_model(cfg)
+    lrs = []
+    for step in range(steps):
+        expected_lr = (base_lr * (step + 1) / warmup if step < warmup
+                       else base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup))))
+        g = reference_grad(cfg, model, batch, step)
+        update, outcome = sgd_step(cfg, model, batch, step)
+        assert outcome.lr == pytest.approx(expected_lr, rel=1e-12), step
+        assert_same_update(update, -expected_lr * g, model)
+        lrs.append(outcome.lr)
+    assert lrs[warmup] == base_lr and 0 < lrs[-1] < 0.15 * base_lr  # full after the warm-up, nearly 0 at the end
 
 
 def test_compile_uses_the_chosen_backend_and_rejects_an_unknown_one(tmp_path):

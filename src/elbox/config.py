@@ -30,7 +30,7 @@ MODELS: dict[str, tuple[type, type]] = {
     "ldm": (LDMConfig, LDM),
 }
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
 
 
 @dataclass
@@ -62,11 +62,12 @@ class TrainConfig:
     batch_size: int = 128  # global batch size (split across processes under torchrun)
     lr: float = 2e-4  # Adam learning rate (Ho et al.: 2e-4 on CIFAR-10)
     warmup_steps: int = 0  # linear learning-rate warm-up steps (Ho et al.: 5000)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: constant (Ho et al.) or cosine decay to 0 at the last step
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the gradient norm to this value; 0 turns clipping off (Ho et al.: 1.0)
     grad_accum: int = 1  # accumulate gradients over this many micro-batches per step
     ema_decay: float = 0.9999  # decay of the exponential moving average of the weights (0 turns EMA off)
-    precision: Precision = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler)
+    precision: Precision = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + gradient scaler), auto (bf16 where the hardware has it natively)
     compile: bool = False  # torch.compile the networks
     compile_backend: str = "inductor"  # the torch.compile backend (inductor; aot_eager or eager to debug a compile problem)
     channels_last: bool = False  # channels-last memory format for the networks (faster convolutions on GPUs)

@@ -24,7 +24,9 @@ class EMA:
         with torch.no_grad():
             self.num_updates += 1
             d = min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
-            for shadow, param in zip(self.model.parameters(), model.parameters()):
-                shadow.lerp_(param.detach(), 1.0 - d)
+            shadows = list(self.model.parameters())
+            params = [p.detach() for p in model.parameters()]
+            # one fused call over every tensor (as fused/foreach optimizers do): shadow += (1 - d) (param - shadow)
+            torch._foreach_lerp_(shadows, params, 1.0 - d)
             for shadow, buf in zip(self.model.buffers(), model.buffers()):
                 shadow.copy_(buf)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -69,7 +70,7 @@ from elbox.training.outputs import (
     write_reconstructions,
     write_samples,
 )
-from elbox.training.session import DATA_KINDS, Run, build_model, check_setup, resolve, set_up
+from elbox.training.session import DATA_KINDS, Run, build_model, check_setup, resolve, resolve_precision, set_up
 
 SKIPPED_FILES = "skipped-files.txt"
 
@@ -111,7 +112,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
         # What the data is (8-bit images or continuous vectors) settles the model's "auto" choices; a mistake in
         # the data or the model's settings stops here, before the run folder exists.
         dataset = cfg.data.load("train")
-        cfg = resolve(cfg, DATA_KINDS[dataset.kind])
+        cfg = resolve_precision(resolve(cfg, DATA_KINDS[dataset.kind]), info.device)
         torch.manual_seed(cfg.train.seed)  # the initial weights: the same on every rank
         model = build_model(cfg, dataset.shape)
         folder = from_main(lambda: RunFolder(out, cfg, resume), info, share=False)
@@ -287,7 +288,7 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
                micro_rows: list[torch.Tensor], stop_received: bool) -> StepOutcome:
     """One optimizer step on this rank's share ``batch`` (uint8) of the step's global batch: learning-rate
     warm-up, forward and backward over the micro-batches, clipping, the NaN/Inf check, the update and the EMA."""
-    lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else t.lr
+    lr = learning_rate(step, t)
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
@@ -327,6 +328,18 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def learning_rate(step: int, t: TrainConfig) -> float:
+    """The learning rate of step ``step`` (0-based): linear warm-up over ``warmup_steps``, then constant or, with
+    ``lr_schedule="cosine"``, lr * (1 + cos(pi * p)) / 2 with p = (step - warmup) / (steps - warmup): the full lr at
+    the first step after the warm-up, decaying towards 0 at ``steps`` (Loshchilov & Hutter 2017, without restarts).
+    A function of the step and ``steps`` alone: a resume continues it (a resume with more ``--steps`` stretches it)."""
+    lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else t.lr
+    if t.lr_schedule == "cosine" and step >= t.warmup_steps:
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        lr = lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return lr
+
+
 def _to_model(x: torch.Tensor, data_range: str, channels_last: bool) -> torch.Tensor:
     """uint8 -> the model's range. Binarization draws through ``draws`` so that it, too, ignores how the batch is split."""
     if data_range == "binary" and not x.is_floating_point():

@@ -50,6 +50,26 @@ def resolve(cfg: RunConfig, data_kind: str) -> RunConfig:  # pragma: no mutate b
     return dataclasses.replace(cfg, model_config=model_cls.resolve_config(cfg.model_config, data_kind))
 
 
+def resolve_precision(cfg: RunConfig, device: torch.device) -> RunConfig:  # pragma: no mutate block
+    """``cfg`` with ``precision="auto"`` made explicit: bf16 where the device computes it natively (a GPU with
+    bf16, a CPU with AVX512-BF16 or AMX: there bf16 autocast trains ~1.3-1.4x faster on this project's CPU at the
+    same held-out bound), fp32 elsewhere (emulated bf16 is slower than fp32)."""
+    if cfg.train.precision != "auto":
+        return cfg
+    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+              else device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="bf16" if native else "fp32"))
+
+
+def cpu_flags() -> set[str]:  # pragma: no mutate block
+    """The CPU's feature flags as Linux lists them (an empty set elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def build_model(cfg: RunConfig, data_shape: tuple[int, ...]) -> ELBOModel:  # pragma: no mutate block
     return MODELS[cfg.model][1](cfg.model_config, data_shape)
 
@@ -125,7 +145,9 @@ def set_up(cfg: RunConfig, dataset: Dataset, model: ELBOModel, out: Path, folder
                                   generator=torch.Generator().manual_seed(t.seed)).to(info.device))
     if t.channels_last:  # only 4-D weights (convolutions) change layout
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    # fused: one kernel over every tensor (CPU and CUDA; same update rule as the per-tensor loop)
+    fused = info.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
     scaler = torch.amp.GradScaler(info.device.type, enabled=t.precision == "fp16")
     torch.manual_seed(derive_seed("train", t.seed, info.rank))  # the training stream: dropout and the like
