@@ -8,8 +8,11 @@ stage is recorded and the next one runs:
 1. ``correct`` — the same weights and inputs on the GPU (fp32, TF32 off; then TF32) and on the CPU in float64:
    relative error of the DDPM's full bound per example; and seeded ancestral samples on the GPU vs the CPU, both
    fp32 (``draws.randn_from`` promises the same noise on any device).
-2. ``main_job`` — README's main command (`elbox train --steps 3000 --lr 1e-3`, digits 8x8) on the GPU: wall time,
+2. ``main_job`` — README's main command (`elbox train --steps 3000 --lr 1e-3 --precision auto`, digits 8x8) on the GPU: wall time,
    held-out bits/dim; samples.png is copied to DIR.
+   ``peers`` — ``benchmarks/speed.py --preset full --compile``: the 35.7M U-Net's training step (batch 128) and
+   ancestral sampling (batch 256, 50 steps timed) for elbox, diffusers and denoising-diffusion-pytorch (those
+   installed), fp32 and bf16, eager and compiled; elbox's 10k-sample and 10k-image bound times. DIR/speed.jsonl.
 3. ``cifar`` — the 35.7M `ddpm-cifar10` U-Net (Ho et al. appendix B) trained on CIFAR-10 through the real loop
    at batch 128: fp32 (TF32), bf16, bf16 + channels-last, bf16 + channels-last + torch.compile. Steady-state
    images/s from metrics.jsonl (the median of the 10-step windows after the first), peak GPU memory, wall time.
@@ -117,7 +120,8 @@ def stage_correct(args) -> dict:
 
 def stage_main_job(args) -> dict:
     run = Path(args.work) / "digits"
-    proc, wall = elbox_cmd("train", "--out", run, "--steps", 3000, "--lr", "1e-3", "--device", args.device, "--quiet",
+    proc, wall = elbox_cmd("train", "--out", run, "--steps", 3000, "--lr", "1e-3", "--precision", "auto",
+                           "--device", args.device, "--quiet",
                            timeout=300)
     m = re.search(r"([0-9.]+) bits/dim", proc.stdout + proc.stderr)
     shutil.copy(run / "samples.png", Path(args.out) / "main_job_samples.png")
@@ -184,7 +188,7 @@ def stage_sampling(args) -> dict:
         model.sample(n, generator=torch.Generator().manual_seed(0), **kw)
         sync(args.device)
         out[name + "_images_per_s"] = n / (time.perf_counter() - t)
-    net, d = model.net, model.diffusion
+    net = model.net
     x = torch.randn(256, 3, 32, 32, device=args.device)
     t_ = torch.full((256,), 500, device=args.device, dtype=torch.long)
     with torch.no_grad():
@@ -218,6 +222,17 @@ def stage_fp16(args) -> dict:
     return {"wall_s": wall, "heldout_bpd_500_steps": float(m.group(1)) if m else None}
 
 
+def stage_peers(args) -> dict:
+    """benchmarks/speed.py at the full preset (35.7M U-Net, batch 128; sampling at 256): elbox beside diffusers and
+    denoising-diffusion-pytorch (when installed), fp32 and bf16, eager and compiled, in one run."""
+    out = Path(args.out) / "speed.jsonl"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "speed.py"), "--preset", "full", "--device",
+                           args.device, "--compile", "--warmup", "10", "--steps", "20", "--repeats", "3",
+                           "--sample-steps", "50", "--data-dir", args.cifar_dir, "--json", str(out)],
+                          capture_output=True, text=True, timeout=max(60, args.budget - elapsed() - 30))
+    return {"rc": proc.returncode, "table": proc.stdout[-2500:], "stderr": proc.stderr[-500:]}
+
+
 def stage_torchrun(args) -> dict:
     run = Path(args.work) / "digits-torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "elbox",
@@ -242,7 +257,8 @@ def stage_pytest(args) -> dict:
     return {"wall_s": time.perf_counter() - start, "tail": text[-1200:]}
 
 
-STAGES = [("correct", stage_correct, 30), ("main_job", stage_main_job, 90), ("cifar", stage_cifar, 150),
+STAGES = [("correct", stage_correct, 30), ("main_job", stage_main_job, 90), ("peers", stage_peers, 200),
+          ("cifar", stage_cifar, 150),
           ("sampling", stage_sampling, 30), ("fp16", stage_fp16, 40), ("vae", stage_vae, 40), ("torchrun", stage_torchrun, 40),
           ("pytest", stage_pytest, 60)]
 

@@ -19,7 +19,9 @@ steps after ``--warmup`` steps), peak memory (CUDA: allocated by torch; CPU: the
 parameters, network GFLOP per training image (forward and backward, counted by torch.utils.flop_counter) and the
 fraction of the peak that makes: peak = a large matrix product's FLOP/s in the same dtype, measured in the same
 process. Sampling: the time of one ancestral step (network and update) at ``--sample-batch``, over
-``--sample-steps`` steps, extrapolated to the 1000-step chain (images/s = batch / (1000 x step time)).
+``--sample-steps`` steps, extrapolated to the 1000-step chain (images/s = batch / (1000 x step time)). For elbox
+also the time of 10,000 samples and of the full bound (all 1000 terms, fp32) on 10,000 test images, extrapolated
+from one step of each at ``--sample-batch``.
 
 Prints one JSON line per configuration, then a table with elbox's speed as a ratio of the faster peer's at the
 same precision. ``--json FILE`` also writes the lines to a file.
@@ -89,6 +91,15 @@ def build_elbox(width: int, batch: int, precision: str, compile_: bool, device: 
                 diffusion, net, (n, 3, 32, 32), device=info.device, progress=progress))
 
     x = next(iter(run.loader.forever())).to(info.device).float() / 127.5 - 1
+
+    def bound_step(n: int):
+        """One timestep of the full bound (``DDPM.bound``'s loop body), in fp32 as evaluation runs."""
+        d, xb = run.sampling_model.diffusion, x[:1].expand(n, -1, -1, -1)
+        t = torch.full((n,), T // 2, device=info.device, dtype=torch.long)
+        with torch.no_grad():
+            d.vlb_terms(run.sampling_model.net, xb, d.q_sample(xb, t, torch.randn_like(xb)), t, clip_denoised=True)
+
+    sample.bound_step = bound_step
     return step, run.model.net, sample, x, lambda: run.model.losses(x, step=0).loss.mean()
 
 
@@ -292,6 +303,18 @@ def worker(spec: dict) -> dict:
 
     images_per_s = preset["batch"] / step_s
     peak = _matmul_peak(precision, device)
+    extra = {}
+    if hasattr(sample, "bound_step"):  # elbox: what 10k samples and the bound on 10k test images take
+        sample.bound_step(spec["sample_batch"])
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(3):
+            sample.bound_step(spec["sample_batch"])
+        _sync(device)
+        bound_step_s = (time.perf_counter() - start) / 3
+        extra = {"bound_step_ms": bound_step_s * 1e3,
+                 "bound_10k_test_images_s": 10_000 / spec["sample_batch"] * T * bound_step_s,
+                 "sample_10k_images_s": 10_000 / spec["sample_batch"] * T * sample_step_s}
     return {
         "library": spec["library"], "device": _device_name(device), "threads": spec["threads"],
         "preset": spec["preset"], "precision": precision, "compile": spec["compile"], "batch": preset["batch"],
@@ -302,7 +325,7 @@ def worker(spec: dict) -> dict:
         "peak_tflops": peak / 1e12, "fraction_of_peak": images_per_s * flop_per_image / peak,
         "sample_batch": spec["sample_batch"], "sample_step_ms": sample_step_s * 1e3,
         "sample_images_per_s_1000_steps": spec["sample_batch"] / (sample_step_s * T),
-        "torch": torch.__version__,
+        "torch": torch.__version__, **extra,
     }
 
 

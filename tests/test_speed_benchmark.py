@@ -30,4 +30,5 @@ def test_the_speed_benchmark_times_elbox_and_prints_a_json_line_and_a_table(tmp_
     # forward + backward of the network: ~3x the forward's 2 x MACs; the counter sees every convolution
     assert 1.0 < row["gflop_per_image"] < 5.0
     assert 0 < row["fraction_of_peak"] < 1.5 and row["sample_step_ms"] > 0
+    assert row["bound_10k_test_images_s"] > 0 and row["sample_10k_images_s"] > row["sample_step_ms"] / 1e3
     assert "elbox" in done.stdout.splitlines()[-1] and "train img/s" in done.stdout
