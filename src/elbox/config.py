@@ -80,6 +80,8 @@ class TrainConfig:
     eval_batches: int = 0  # held-out batches for the bound at each checkpoint (0: none; it costs T passes for a DDPM)
     num_samples: int = 64  # how many samples the grids show
     final_eval_examples: int = 512  # held-out examples for the full bound (bits/dim) at the end (0: skip)
+    fid_every: int = 0  # FID and KID of fid_num EMA samples against the test split every this many steps (0: never)
+    fid_num: int = 1000  # samples per FID/KID during training (FID is biased at small N: compare only at equal N)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # what a NaN/Inf loss or gradient does: stop the run, or skip the batch
     max_skips: int = 10  # with on_nonfinite=skip: stop once this many steps in a row were skipped
     quiet: bool = False  # no progress bar (for logs and CI); the summary line is still printed

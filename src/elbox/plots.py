@@ -51,15 +51,18 @@ def _log_if_wide(ax, values: Sequence[float]) -> None:
 
 def training_curves(rows: list[dict[str, Any]], terms: Sequence[str], title: str) -> bytes:
     """Three panels over optimizer steps: the training loss (raw and smoothed), each term of the bound (nats per
-    example, smoothed), and bits/dim (train estimate, held-out bound where measured)."""
+    example, smoothed), and bits/dim (train estimate, held-out bound where measured); a fourth with FID (and KID)
+    when the run measured them during training (``--fid-every``)."""
     plt = _pyplot()
     train = [r for r in rows if r.get("loss") is not None]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    quality = [r for r in rows if r.get("fid") is not None]
+    fig, axes = plt.subplots(1, 4 if quality else 3, figsize=(16 if quality else 12, 3.4))
     steps = [r["step"] for r in train]
     ax = axes[0]
     loss = [r["loss"] for r in train]
     ax.plot(steps, loss, color="C0", alpha=0.25, lw=0.8, label="raw")
-    ax.plot(steps, smooth(loss), color="C0", lw=1.6, label="smoothed")
+    few = "o" if len(steps) < 3 else None  # a short run's one or two points: markers, or nothing would show
+    ax.plot(steps, smooth(loss), color="C0", lw=1.6, label="smoothed", marker=few)
     _log_if_wide(ax, loss)
     ax.set(title="training loss", xlabel="optimizer step", ylabel="loss (the objective's unit)")
     ax.legend()
@@ -67,7 +70,8 @@ def training_curves(rows: list[dict[str, Any]], terms: Sequence[str], title: str
     for i, name in enumerate(terms):
         series = [(r["step"], r[name]) for r in train if r.get(name) is not None]
         if series:
-            ax.plot([s for s, _ in series], smooth([v for _, v in series]), color=f"C{i}", lw=1.4, label=name)
+            ax.plot([s for s, _ in series], smooth([v for _, v in series]), color=f"C{i}", lw=1.4, label=name,
+                    marker=few)
     _log_if_wide(ax, [r.get(n) for r in train for n in terms if isinstance(r.get(n), (int, float)) and r.get(n) > 0])
     ax.set(title="terms of the bound (smoothed)", xlabel="optimizer step", ylabel="nats per example")
     ax.legend(fontsize=7)
@@ -75,12 +79,22 @@ def training_curves(rows: list[dict[str, Any]], terms: Sequence[str], title: str
     bpd = [(r["step"], r["bpd"]) for r in train if r.get("bpd") is not None]
     if bpd:
         ax.plot([s for s, _ in bpd], [v for _, v in bpd], color="C0", alpha=0.25, lw=0.8)
-        ax.plot([s for s, _ in bpd], smooth([v for _, v in bpd]), color="C0", lw=1.6, label="training batches")
+        ax.plot([s for s, _ in bpd], smooth([v for _, v in bpd]), color="C0", lw=1.6, label="training batches",
+                marker=few)
     held = [(r["step"], r["heldout_bpd"]) for r in rows if r.get("heldout_bpd") is not None]
     if held:
         ax.plot([s for s, _ in held], [v for _, v in held], "o-", color="C3", ms=4, label="held-out (full bound)")
     ax.set(title="negative ELBO", xlabel="optimizer step", ylabel="bits/dim")
     ax.legend()
+    if quality:
+        ax = axes[3]
+        ax.plot([r["step"] for r in quality], [r["fid"] for r in quality], "o-", color="C2", ms=4, label="FID")
+        ax.set(title=f"sample quality (EMA, N = {quality[-1].get('fid_num', '?')})", xlabel="optimizer step",
+               ylabel="FID (lower is better)")
+        kid = ax.twinx()
+        kid.plot([r["step"] for r in quality], [r["kid"] for r in quality], "s--", color="C4", ms=3, label="KID")
+        kid.set_ylabel("KID")
+        ax.legend(handles=ax.get_lines() + kid.get_lines(), fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _png(fig)

@@ -115,6 +115,9 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
         cfg = resolve_precision(resolve(cfg, DATA_KINDS[dataset.kind]), info.device)
         torch.manual_seed(cfg.train.seed)  # the initial weights: the same on every rank
         model = build_model(cfg, dataset.shape)
+        if cfg.train.fid_every and not model.draws_images:
+            raise UserError(f"--fid-every {cfg.train.fid_every}: FID and KID are for images; this {cfg.model} on "
+                            f"{cfg.data.data} draws vectors (the held-out bound measures it: --eval-batches)")
         folder = from_main(lambda: RunFolder(out, cfg, resume), info, share=False)
         if folder is not None and dataset.skipped:  # --skip-bad: which files were left out, for the record
             write_text_atomic(out / SKIPPED_FILES, "".join(f"{name}\n" for name in dataset.skipped))
@@ -234,11 +237,34 @@ def _periodic(run: Run, metrics: MetricsLog | None) -> None:  # pragma: no mutat
         folder = run.out / "samples"
         write_samples(run.sampling_model, folder / f"step-{step:07d}.png", t)
         write_reconstructions(run.sampling_model, run.cfg.data, folder / f"step-{step:07d}-reconstructions.png", t)
+    if t.fid_every and step % t.fid_every == 0 and run.info.is_main:
+        _log_quality(run, metrics)
     if step % t.checkpoint_every == 0 and step < t.steps:
         run.save()
         if t.eval_batches > 0 and metrics is not None:
             bpd = heldout_bound(run.sampling_model, run.cfg, t.eval_batches * t.batch_size, run.info.device).bpd
             metrics.write({"step": step, "heldout_bpd": bpd})
+
+
+def _log_quality(run: Run, metrics: MetricsLog | None) -> None:  # pragma: no mutate block
+    """FID and KID of ``fid_num`` samples of the EMA weights against the test split, logged beside the other
+    metrics and recorded in evaluations.jsonl; the training RNG is left as it was (samples have their own seed)."""
+    from elbox.api import evaluate_quality
+    from elbox.config import EvaluateConfig
+
+    t, model = run.cfg.train, run.sampling_model
+    model.data_config = run.cfg.data  # what evaluate_quality compares with
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[run.info.device.index or 0] if run.info.device.type == "cuda" else []):
+        result = evaluate_quality(model, EvaluateConfig(metric="fid", num=t.fid_num, seed=t.seed))
+    model.train(was_training)
+    record = {"step": run.step, "fid": result.fid, "kid": result.kid, "kid_std": result.kid_std, "fid_num": result.num,
+              "fid_seconds": result.seconds}
+    if metrics is not None:
+        metrics.write(record)
+    record_evaluation(run.out, {"step": run.step, "ema": run.ema is not None, "when": "training",
+                                **result.to_dict()})
 
 
 def _finish(run: Run, loop: _LoopEnd) -> TrainResult:  # pragma: no mutate block

@@ -188,9 +188,17 @@ def check_setup(t: TrainConfig, info: DistInfo) -> int:  # pragma: no mutate blo
     for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "num_samples"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name}={getattr(t, name)} is not allowed; use an integer >= 1")
-    for name in ("sample_every", "eval_batches", "final_eval_examples", "warmup_steps"):
+    for name in ("sample_every", "eval_batches", "final_eval_examples", "warmup_steps", "fid_every"):
         if getattr(t, name) < 0:
             raise UserError(f"train.{name}={getattr(t, name)} is not allowed; use an integer >= 0")
+    if t.fid_every > 0:
+        if t.fid_num < 2:
+            raise UserError(f"train.fid_num={t.fid_num} is not allowed; FID needs at least 2 samples (1000 or more "
+                            f"to compare runs)")
+        from elbox.metrics.fid import HOW_TO_GET, default_weights
+
+        if default_weights() is None:  # before any training, not at the first interval
+            raise UserError(f"--fid-every {t.fid_every}: {HOW_TO_GET.split(', or pass')[0]}")
     if t.lr <= 0 or not math.isfinite(t.lr):
         raise UserError(f"train.lr={t.lr} is not allowed; use a positive learning rate such as 2e-4")
     if not 0.0 <= t.ema_decay < 1.0:
