@@ -41,6 +41,19 @@ def test_the_report_is_one_self_contained_page(runs, tmp_path):
     assert main(["report", str(runs[0]), "--out", str(out)]) == 2  # never overwritten
 
 
+def test_the_curves_end_at_the_final_held_out_bound_and_a_fid_line_is_not_a_term(runs, tmp_path):
+    from elbox.report import Run
+
+    folder = tmp_path / "ddpm"
+    shutil.copytree(runs[0], folder)
+    with open(folder / "metrics.jsonl", "a") as f:  # what --fid-every writes after the last step's line
+        f.write(json.dumps({"step": 8, "fid": 300.0, "kid": 0.3, "kid_std": 0.01, "fid_num": 6}) + "\n")
+    run = Run(folder)
+    assert run.terms == ["steps", "prior"]  # the bound's terms, from the last training line
+    final = [e for e in run.evaluations if e.get("when") == "training"][-1]
+    assert run.curves[-1] == {"step": 8, "heldout_bpd": final["bpd"]} and len(run.curves) == len(run.metrics) + 1
+
+
 def chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
         path = shutil.which(name)

@@ -87,7 +87,15 @@ class Run:
     def terms(self) -> list[str]:
         fixed = {"step", "loss", "nelbo", "bpd", "lr", "grad_norm", "images_per_s", "skipped", "mse", "heldout_bpd",
                  "nonfinite", "stopped"}
-        return [k for k in (self.metrics[-1] if self.metrics else {}) if k not in fixed]
+        last = next((m for m in reversed(self.metrics) if "loss" in m), {})  # not a FID or held-out line
+        return [k for k in last if k not in fixed]
+
+    @property
+    def curves(self) -> list[dict[str, Any]]:
+        """metrics.jsonl, with the held-out bound that ended training (evaluations.jsonl) as its last point."""
+        final = [{"step": e["step"], "heldout_bpd": e["bpd"]} for e in self.evaluations
+                 if e.get("metric") == "bpd" and e.get("when") == "training" and "step" in e]
+        return self.metrics + final
 
 
 def _count_parameters(path: Path) -> int:
@@ -139,7 +147,7 @@ def _run_section(run: Run) -> str:
                          html.escape(str(e.get("checkpoint", "")))])
         parts.append("<h3>Every evaluation recorded</h3>" + _table(rows, ["when", "metric", "value", "on", "checkpoint"]))
     if run.metrics:
-        parts.append("<h3>Training</h3>" + _img(plots.training_curves(run.metrics, run.terms, run.name),
+        parts.append("<h3>Training</h3>" + _img(plots.training_curves(run.curves, run.terms, run.name),
                                                 "training curves"))
     if run.kind == "vae" and run.metrics and "kl" in run.metrics[-1]:
         parts.append("<h3>Rate and distortion</h3>" + _img(plots.rate_distortion(run.metrics, run.name),

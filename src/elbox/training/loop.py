@@ -284,7 +284,8 @@ def _finish(run: Run, loop: _LoopEnd) -> TrainResult:  # pragma: no mutate block
             except EmptySplit as e:  # a finished training does not fail for want of held-out data
                 print(f"elbox: note: no held-out bound: {e}", file=sys.stderr, flush=True)
             if heldout is not None:
-                record_evaluation(run.out, {"checkpoint": last.name, "ema": run.ema is not None, "when": "training",
+                record_evaluation(run.out, {"checkpoint": last.name, "step": run.step, "ema": run.ema is not None,
+                                            "when": "training",
                                             **heldout.to_dict()})
     wait_for_all(info)  # rank 0's last outputs take a while: the ranks leave together
     return TrainResult(run_dir=run.out, step=run.step, checkpoint=last, samples=samples, seconds=loop.seconds,
