@@ -30,6 +30,7 @@ same precision. ``--json FILE`` also writes the lines to a file.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -375,6 +376,8 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=10, help="ancestral steps timed (50 on a GPU)")
     ap.add_argument("--sample-batch", type=int, default=None, help="default: the preset's")
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--rounds", type=int, default=1, help="sweeps over every configuration, taking turns; the "
+                    "table shows each configuration's median round")
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON lines here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -382,29 +385,45 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return
     rows = []
-    for precision in args.precision:
-        for compile_ in ([False, True] if args.compile else [False]):
-            for library in args.libraries:
-                spec = dict(library=library, precision=precision, compile=compile_, device=args.device,
-                            threads=args.threads, preset=args.preset, warmup=args.warmup, steps=args.steps,
-                            repeats=args.repeats, sample_steps=args.sample_steps, data_dir=args.data_dir,
-                            sample_batch=args.sample_batch or PRESETS[args.preset]["sample_batch"])
-                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-                done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                                      capture_output=True, text=True)
-                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-                if done.returncode != 0 or not lines:
-                    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                    row = {"library": library, "precision": precision, "compile": compile_, "error": tail[:200]}
-                else:
-                    row = json.loads(lines[-1])
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.json:
-                    with args.json.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+    compiles = [False, True] if args.compile else [False]
+    for round_, precision, compile_, library in itertools.product(range(args.rounds), args.precision, compiles,
+                                                                  args.libraries):
+        spec = dict(library=library, precision=precision, compile=compile_, device=args.device, threads=args.threads,
+                    preset=args.preset, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+                    sample_steps=args.sample_steps, data_dir=args.data_dir,
+                    sample_batch=args.sample_batch or PRESETS[args.preset]["sample_batch"])
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
+                              text=True)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode != 0 or not lines:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            row = {"library": library, "precision": precision, "compile": compile_, "error": tail[:200]}
+        else:
+            row = json.loads(lines[-1])
+        row["round"] = round_
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(json.dumps(row) + "\n")
     print()
-    print(table(rows))
+    print(table(medians(rows)))
+    if args.rounds > 1:
+        print(f"\nthe median of {args.rounds} rounds per configuration (by training img/s); every round above")
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """Per configuration, the round with the median training speed (this machine's speed drifts over minutes, so
+    the configurations take turns within each round and the ratios are taken between medians)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["library"], r["precision"], r["compile"]), []).append(r)
+    out = []
+    for group in groups.values():
+        ok = sorted((r for r in group if "error" not in r), key=lambda r: r["train_images_per_s"])
+        out.append(ok[(len(ok) - 1) // 2] if ok else group[-1])
+    return out
 
 
 if __name__ == "__main__":

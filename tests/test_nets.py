@@ -133,6 +133,37 @@ def test_group_norm_falls_back_to_a_divisor_of_the_channel_count() -> None:
     assert groups == {48: 24, 96: 32}  # 96 = 48 + 48 at the concatenation in the up path
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_takes_the_fused_kernel_and_computes_softmax_attention(heads: int, channels_last: bool) -> None:
+    """From NCHW as from channels-last, the heads' features reach scaled_dot_product_attention contiguous, so the
+    fused (flash) kernel runs, not the unfused math path (issue 13: it had been the math path, 7% of a CPU step);
+    and the block still equals x + proj(softmax(q k^T / sqrt(d)) v) written out."""
+    from torch.profiler import profile
+
+    from elbox.nets.unet import AttentionBlock
+
+    torch.manual_seed(0)
+    block = AttentionBlock(32, heads, 8)
+    nn.init.normal_(block.proj_out.weight)  # zero-initialised: the attention would not show in the output
+    x = torch.randn(3, 32, 6, 5)
+    if channels_last:
+        x, block = x.contiguous(memory_format=torch.channels_last), block.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    with profile() as prof:
+        out = block(x)
+        out.sum().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" not in ops, sorted(o for o in ops if "attention" in o)
+    assert any("flash_attention" in o for o in ops), sorted(o for o in ops if "attention" in o)
+
+    qkv = block.qkv(block.norm(x)).flatten(2)  # (B, 3C, HW)
+    q, k, v = (t.reshape(3, heads, 32 // heads, 30).transpose(-1, -2) for t in qkv.chunk(3, dim=1))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(32 // heads), dim=-1)
+    h = (weights @ v).transpose(-1, -2).reshape(3, 32, 6, 5)
+    torch.testing.assert_close(out, x + block.proj_out(h), rtol=1e-5, atol=1e-5)
+
+
 def test_multi_head_attention_runs() -> None:
     model = UNet(
         image_size=8,

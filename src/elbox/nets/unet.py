@@ -101,8 +101,12 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, height, width = x.shape
         heads = self.num_heads
-        # (B, 3C, H, W) -> (3, B, heads, H*W, C/heads); a view when x is channels_last.
+        # (B, 3C, H, W) -> (3, B, heads, H*W, C/heads); a view when x is channels_last. The fused attention
+        # kernels (flash on the CPU, flash/memory-efficient on GPUs) need each head's features contiguous (last
+        # stride 1); from NCHW they are H*W apart, which would fall back to the slower unfused math, so copy once.
         qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(b, height * width, 3, heads, c // heads)
+        if qkv.stride(-1) != 1:
+            qkv = qkv.contiguous()
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C/heads)) v
         h = h.transpose(1, 2).reshape(b, height, width, c).permute(0, 3, 1, 2)
