@@ -191,3 +191,87 @@ def test_the_ldm_importance_weighted_estimate_is_a_bound_that_tightens_to_log_px
     assert torch.all((k1.mean(0) + elbo).abs() < 5 * k1.std(0) / math.sqrt(300) + 0.02)  # L_1 is the ELBO
     k500 = model.iwae_bound(x, 500, generator=g, chunk=100)
     assert torch.all((k500 - log_px).abs() < 0.1) and torch.all(k500 > k1.mean(0) + 0.3)
+
+
+# ------------------------------------------------------------------------- the pieces the trainer calls
+def test_losses_carry_the_priors_loss_on_s_z_under_prefixed_names():
+    """LDM.losses: the prior's own loss (and unit) on s z for the z the terms were computed at; the bound's terms
+    named decoder_nll, neg_entropy, log_scale and prior/<the DDPM's>; dims those of x, not of z."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(hidden=(16,), latent_dim=4, decoder="gaussian"), (6,))
+    model = LDM(LDMConfig(timesteps=10, latent_scale=0.5, loss="hybrid"), (6,), vae=vae)
+    x = torch.randn(8, 6)
+    torch.manual_seed(1)
+    terms = model.losses(x, step=3)
+    torch.manual_seed(1)  # the same draws again, by hand
+    z, _ = model._encode(x, None)
+    prior = model.prior.losses(z * 0.5, step=3)
+    assert torch.equal(terms.loss, prior.loss) and terms.loss_unit == prior.loss_unit == "MSE + lambda bits/dim"
+    assert set(terms.terms) == {"decoder_nll", "neg_entropy", "log_scale", "prior/steps", "prior/prior"}
+    torch.testing.assert_close(terms.terms["prior/steps"], prior.terms["steps"], rtol=0, atol=0)
+    assert terms.dims == 6 and prior.dims == 4
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    from elbox.cli import main
+
+    root = tmp_path_factory.mktemp("ldm-pieces")
+    common = ["--steps", "2", "--batch-size", "16", "--final-eval-examples", "0", "--num-samples", "4", "--quiet",
+              "--device", "cpu"]
+    assert main(["train", "vae", "--out", str(root / "vae"), "--hidden", "16", "--latent-dim", "3", *common]) == 0
+    assert main(["train", "--out", str(root / "ddpm"), "--net", "micro", "--timesteps", "4", *common]) == 0
+    return root
+
+
+def test_resolve_config_stores_the_vaes_description_and_refuses_what_is_not_a_vae(vae_run):
+    from elbox import checkpoint as ckpt
+    from elbox.errors import UserError
+
+    resolved = LDM.resolve_config(LDMConfig(vae=str(vae_run / "vae")), "8bit")
+    stored = json.loads(resolved.vae_config)
+    desc = ckpt.load_checkpoint(vae_run / "vae", with_training_state=False).description
+    assert stored == {"config": desc["config"], "data_shape": desc["data_shape"]} and stored["data_shape"] == [1, 8, 8]
+    assert resolved.vae == str(vae_run / "vae") and stored["config"]["latent_dim"] == 3
+    assert LDM.resolve_config(resolved, "8bit") is resolved  # already resolved (a resume, a load): kept as it is
+    with pytest.raises(UserError, match="latent diffusion needs a trained VAE: `elbox train ldm --vae"):
+        LDM.resolve_config(LDMConfig(), "8bit")
+    with pytest.raises(UserError, match=r"is a ddpm run; latent diffusion needs a VAE run"):
+        LDM.resolve_config(LDMConfig(vae=str(vae_run / "ddpm")), "8bit")
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.7])
+def test_initialize_loads_the_vaes_ema_weights_and_measures_the_scale_only_when_asked(vae_run, scale):
+    from elbox import checkpoint as ckpt
+    from elbox.data import load_dataset, to_model
+
+    config = LDM.resolve_config(LDMConfig(vae=str(vae_run / "vae"), latent_scale=scale, timesteps=4), "8bit")
+    model = LDM(config, (1, 8, 8))
+    x = to_model(load_dataset("digits", "train").data[:64], model.data_range,
+                 generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    model.initialize(x)
+    state = ckpt.load_checkpoint(vae_run / "vae", with_training_state=False)
+    assert state.ema is not None and any(not torch.equal(state.ema[k], state.model[k]) for k in state.ema)
+    for name, value in model.vae.state_dict().items():
+        assert torch.equal(value, state.ema[name]), name  # the EMA weights, not the raw ones
+    if scale:
+        assert model.latent_scale.item() == pytest.approx(scale)
+    else:
+        torch.manual_seed(5)  # the same z ~ q(z|x) again
+        z = model._encode(x, None)[0]
+        assert model.latent_scale.item() == pytest.approx(1.0 / z.double().std().item(), rel=1e-6)
+        assert model.latent_scale.item() != pytest.approx(1.0 / model.vae.encode(x)[0].double().std().item())
+
+
+def test_the_ddpms_importance_weighted_estimate_is_the_log_mean_exp_of_its_trajectory_weights():
+    from elbox.objectives.ddpm import DDPM, DDPMConfig
+
+    torch.manual_seed(0)
+    model = DDPM(DDPMConfig(timesteps=4, net="micro", data_kind="8bit"), (1, 8, 8))
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    got = model.iwae_bound(x, 6, generator=torch.Generator().manual_seed(7), chunk=4)
+    g = torch.Generator().manual_seed(7)  # the same draws, in the same chunks (4, then 2)
+    w = torch.cat([model.trajectory_log_weight(x.repeat(n, 1, 1, 1), generator=g).view(n, 3) for n in (4, 2)])
+    torch.testing.assert_close(got, torch.logsumexp(w.double(), 0) - math.log(6))
+    assert got.shape == (3,) and bool((got > w.double().mean(0)).all())  # Jensen: above the mean log-weight
