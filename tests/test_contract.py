@@ -209,3 +209,15 @@ def test_the_training_functions_are_short():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 assert length <= 60, f"{path.name}: {node.name} has {length} lines"
+
+
+def test_term_words_names_a_term_and_where_it_sits():
+    """What an error message says for a term (a NaN "in the KL term of the latent prior"): nested prefixes read
+    from the inside out; an unknown name is quoted, never dropped."""
+    from elbox.objectives.terms import term_words
+
+    assert term_words("kl") == "the KL term"
+    assert term_words("prior/steps") == "the diffusion term L_t at the sampled timestep of the latent prior"
+    assert term_words("stage2/prior/kl") == "the KL term of the latent prior of the stage2"
+    assert term_words("mystery") == "the term 'mystery'"
+    assert term_words("prior/mystery") == "the term 'mystery' of the latent prior"
