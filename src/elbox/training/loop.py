@@ -64,6 +64,7 @@ from elbox.training.outputs import (
     METRICS,
     MetricsLog,
     RunFolder,
+    cuda_devices,
     heldout_bound,
     plot_loss_curve,
     progress_bar,
@@ -256,7 +257,7 @@ def _log_quality(run: Run, metrics: MetricsLog | None) -> None:  # pragma: no mu
     model.data_config = run.cfg.data  # what evaluate_quality compares with
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[run.info.device.index or 0] if run.info.device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=cuda_devices(model)):
         result = evaluate_quality(model, EvaluateConfig(metric="fid", num=t.fid_num, seed=t.seed))
     model.train(was_training)
     record = {"step": run.step, "fid": result.fid, "kid": result.kid, "kid_std": result.kid_std, "fid_num": result.num,
@@ -285,8 +286,7 @@ def _finish(run: Run, loop: _LoopEnd) -> TrainResult:  # pragma: no mutate block
                 print(f"elbox: note: no held-out bound: {e}", file=sys.stderr, flush=True)
             if heldout is not None:
                 record_evaluation(run.out, {"checkpoint": last.name, "step": run.step, "ema": run.ema is not None,
-                                            "when": "training",
-                                            **heldout.to_dict()})
+                                            "when": "training", **heldout.to_dict()})
     wait_for_all(info)  # rank 0's last outputs take a while: the ranks leave together
     return TrainResult(run_dir=run.out, step=run.step, checkpoint=last, samples=samples, seconds=loop.seconds,
                        images_per_second=loop.images_seen / max(loop.seconds, 1e-9),

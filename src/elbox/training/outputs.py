@@ -155,7 +155,7 @@ def write_samples(model: ELBOModel, path: Path, t: TrainConfig) -> Path:
     RNG, which e.g. dropout or a model's own draws use) is exactly as it was before."""
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=_cuda_devices(model)):
+    with torch.random.fork_rng(devices=cuda_devices(model)):
         generator = torch.Generator().manual_seed(t.seed)
         n = t.num_samples if model.draws_images else max(t.num_samples, 2000)
         x = model.sample(n, generator=generator)
@@ -172,7 +172,7 @@ def write_reconstructions(model: ELBOModel, data: DataConfig, path: Path, t: Tra
         return None
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=_cuda_devices(model)):
+    with torch.random.fork_rng(devices=cuda_devices(model)):
         generator = torch.Generator().manual_seed(t.seed)
         x = to_model(data.load("test").data[: max(1, t.num_samples // 2)], model.data_range, generator=generator)
         x = x.to(next(model.parameters()).device)
@@ -188,11 +188,11 @@ def heldout_bound(model: ELBOModel, cfg: RunConfig, examples: int, device: torch
     from elbox.metrics.likelihood import evaluate_bound
 
     was_training = model.training
-    with torch.random.fork_rng(devices=_cuda_devices(model)):
+    with torch.random.fork_rng(devices=cuda_devices(model)):
         evaluation = evaluate_bound(model, cfg.data, examples=examples, device=device)
     model.train(was_training)
     return evaluation
 
 
-def _cuda_devices(model: torch.nn.Module) -> list[int]:
+def cuda_devices(model: torch.nn.Module) -> list[int]:
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
