@@ -40,7 +40,9 @@ import sys
 import tempfile
 import time
 import types
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARIES = ("elbox", "diffusers", "denoising-diffusion-pytorch")
@@ -54,12 +56,25 @@ T = 1000
 
 
 # ------------------------------------------------------------------------------------------------ the models
+@dataclass
+class Harness:
+    """What a library's builder hands the timer."""
+
+    step: Callable[[], None]  # one training step on the next batch
+    net: object  # the network, for its parameter count
+    sample: Callable[[int, int], None]  # (batch, ancestral steps)
+    loss: Callable[[], object]  # the training loss on one batch, eager, for the FLOP count
+    batch: int  # images in that batch
+    bound_step: Callable[[int], None] | None = None  # elbox: one timestep of the full bound at a batch size
+
+
 def build_elbox(width: int, batch: int, precision: str, compile_: bool, device: str, data_dir: str):
     """elbox's real training set-up (set_up) for a DDPM with the ddpm-cifar10 U-Net at ``width``; returns
     (step function, network, sampler function, data batch for the FLOP count)."""
     import torch
 
     from elbox.config import DataConfig, RunConfig, TrainConfig
+    from elbox.data import to_model
     from elbox.objectives.ddpm import DDPMConfig
     from elbox.samplers import ancestral_sample
     from elbox.training.distributed import setup
@@ -91,7 +106,7 @@ def build_elbox(width: int, batch: int, precision: str, compile_: bool, device: 
             _stop_after(steps, lambda progress: ancestral_sample(
                 diffusion, net, (n, 3, 32, 32), device=info.device, progress=progress))
 
-    x = next(iter(run.loader.forever())).to(info.device).float() / 127.5 - 1
+    x = to_model(next(iter(run.loader.forever())), run.model.data_range).to(info.device)
 
     def bound_step(n: int):
         """One timestep of the full bound (``DDPM.bound``'s loop body), in fp32 as evaluation runs."""
@@ -100,8 +115,7 @@ def build_elbox(width: int, batch: int, precision: str, compile_: bool, device: 
         with torch.no_grad():
             d.vlb_terms(run.sampling_model.net, xb, d.q_sample(xb, t, torch.randn_like(xb)), t, clip_denoised=True)
 
-    sample.bound_step = bound_step
-    return step, run.model.net, sample, x, lambda: run.model.losses(x, step=0).loss.mean()
+    return Harness(step, run.model.net, sample, lambda: run.model.losses(x, step=0).loss.mean(), len(x), bound_step)
 
 
 class _Enough(Exception):
@@ -187,7 +201,7 @@ def build_diffusers(width: int, batch: int, precision: str, compile_: bool, devi
 
     batches = _cifar_batches(batch, device, data_dir)
     x = next(batches).float() / 255.0
-    return (_peer_step(unet, loss_fn, batches, precision, device), unet, sample, x, lambda: loss_fn(x))
+    return Harness(_peer_step(unet, loss_fn, batches, precision, device), unet, sample, lambda: loss_fn(x), len(x))
 
 
 def _import_denoising_diffusion_pytorch():
@@ -230,7 +244,8 @@ def build_ddpm_pytorch(width: int, batch: int, precision: str, compile_: bool, d
 
     batches = _cifar_batches(batch, device, data_dir)
     x = next(batches).float() / 255.0
-    return (_peer_step(diffusion, diffusion, batches, precision, device), unet, sample, x, lambda: diffusion(x))
+    return Harness(_peer_step(diffusion, diffusion, batches, precision, device), unet, sample, lambda: diffusion(x),
+                   len(x))
 
 
 BUILDERS = {"elbox": build_elbox, "diffusers": build_diffusers, "denoising-diffusion-pytorch": build_ddpm_pytorch}
@@ -269,13 +284,14 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     device, precision = spec["device"], spec["precision"]
     preset = PRESETS[spec["preset"]]
-    step, net, sample, x, loss_of_x = BUILDERS[spec["library"]](
-        preset["width"], preset["batch"], precision, spec["compile"], device, spec["data_dir"])
-    params = sum(p.numel() for p in net.parameters())
+    h = BUILDERS[spec["library"]](preset["width"], preset["batch"], precision, spec["compile"], device,
+                                  spec["data_dir"])
+    step, sample = h.step, h.sample
+    params = sum(p.numel() for p in h.net.parameters())
     with FlopCounterMode(display=False) as counter:  # eager, fp32: the network's arithmetic, whatever runs it
-        loss_of_x().backward()
-    net.zero_grad(set_to_none=True)
-    flop_per_image = counter.get_total_flops() / x.shape[0]
+        h.loss().backward()
+    h.net.zero_grad(set_to_none=True)
+    flop_per_image = counter.get_total_flops() / h.batch
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -305,12 +321,12 @@ def worker(spec: dict) -> dict:
     images_per_s = preset["batch"] / step_s
     peak = _matmul_peak(precision, device)
     extra = {}
-    if hasattr(sample, "bound_step"):  # elbox: what 10k samples and the bound on 10k test images take
-        sample.bound_step(spec["sample_batch"])
+    if h.bound_step is not None:  # elbox: what 10k samples and the bound on 10k test images take
+        h.bound_step(spec["sample_batch"])
         _sync(device)
         start = time.perf_counter()
         for _ in range(3):
-            sample.bound_step(spec["sample_batch"])
+            h.bound_step(spec["sample_batch"])
         _sync(device)
         bound_step_s = (time.perf_counter() - start) / 3
         extra = {"bound_step_ms": bound_step_s * 1e3,
