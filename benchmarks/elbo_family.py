@@ -24,7 +24,13 @@ Scores, on the first ``--eval-n`` test images, mean and standard error over imag
 - ``-log p(x)``: the importance-weighted estimate on the first ``--iwae-n`` of them, K = ``--k-vae`` for the VAE,
   ``--k-ldm`` samples of (z, diffusion trajectory) for the LDM and ``--k-ddpm`` trajectories for the DDPM (each
   one a valid bound in expectation, see ``LDM.iwae_bound``);
-- sampling time per image (16 ancestral samples, one thread count as set), and a grid of 64 samples per model.
+- sampling time per image (16 ancestral samples, one thread count as set), and a grid of 64 samples per model;
+- with ``--fid-num N``: FID and KID (``elbox.metrics.fid``, the standard FID Inception-v3) of N samples against the
+  first ``--fid-ref`` test images of the same variant (binarized ones for ``binarized``), and the seconds that took
+  (drawing the samples and their features; the reference's features are timed apart, once per variant). The
+  samples are what ``elbox sample`` returns: the VAE's and the LDM's decoder means (grey levels where the test
+  images are binary), the DDPM's by DDIM with ``--fid-ddpm-steps`` steps (ancestral sampling of 1000 steps would
+  take over an hour per thousand images on this CPU).
 
 Prints one JSON line per model to stdout and the table (markdown) to stderr and ``OUT/table.md``.
 """
@@ -41,6 +47,7 @@ from pathlib import Path
 import torch
 
 from elbox.data import from_model, load_dataset, to_model
+from elbox.metrics.fid import InceptionFeatures, Statistics, frechet_distance, kernel_distance
 from elbox.metrics.likelihood import _mean_stderr
 from elbox.objectives.ddpm import DDPM, DDPMConfig
 from elbox.objectives.latent import LDM, LDMConfig
@@ -66,6 +73,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--k-vae", type=int, default=1000)
     p.add_argument("--k-ldm", type=int, default=100)
     p.add_argument("--k-ddpm", type=int, default=0, help="0: skip (T U-Net passes per sample)")
+    p.add_argument("--fid-num", type=int, default=0, help="samples per model for FID/KID (0: skip)")
+    p.add_argument("--fid-ref", type=int, default=1000, help="test images the samples are compared with")
+    p.add_argument("--fid-ddpm-steps", type=int, default=50, help="DDIM steps of the DDPM's FID samples")
+    p.add_argument("--fid-weights", default=None, help="the FID Inception file (default: the installed one)")
     p.add_argument("--test-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -140,7 +151,27 @@ def score(model, name: str, test_u8: torch.Tensor, args, k: int, variant: str, e
     path = save_png(image_grid(from_model(torch.nan_to_num(grid), model.data_range)),
                     args.out / f"{variant}-{name}.png")
     out["samples"] = str(path)
+    if args.fid_num:
+        out.update(quality(model, name, args))
     print(json.dumps(out), flush=True)
+    return out
+
+
+def quality(model, name: str, args) -> dict:
+    """FID and KID of ``args.fid_num`` samples against the variant's reference features (``args.reference``)."""
+    options = {"sampler": "ddim", "steps": args.fid_ddpm_steps} if name == "ddpm" else {}
+    g = torch.Generator().manual_seed(args.seed + 1)
+    start = time.time()
+    with torch.no_grad():
+        samples = torch.cat([from_model(torch.nan_to_num(model.sample(min(250, args.fid_num - i), generator=g,
+                                                                      **options)), model.data_range)
+                             for i in range(0, args.fid_num, 250)])
+    features = args.inception(samples)
+    fid = frechet_distance(Statistics.of(features), Statistics.of(args.reference))
+    kid, kid_std = kernel_distance(features, args.reference, seed=args.seed)
+    out = {"fid": fid, "kid": kid, "kid_std": kid_std, "fid_num": len(features), "fid_ref": len(args.reference),
+           "fid_seconds": time.time() - start, "fid_sampler": "ddim" if options else "ancestral"}
+    print(f"  {name}: FID {fid:.2f}, KID {kid:.4f} ± {kid_std:.4f} ({out['fid_seconds']:.0f} s)", file=sys.stderr)
     return out
 
 
@@ -175,13 +206,20 @@ def table(rows: list[dict]) -> str:
     def pm(row, key, digits):
         return f"{row[key]:.{digits}f} ± {row[key + '_se']:.{digits}f}" if key in row else "—"
 
-    lines = ["| data | model | −ELBO (nats) | −ELBO (bits/dim) | −log p(x) (nats, K) | sampling s/image | training |",
-             "|---|---|---|---|---|---|---|"]
+    fid = any("fid" in r for r in rows)
+    lines = ["| data | model | −ELBO (nats) | −ELBO (bits/dim) | −log p(x) (nats, K) | sampling s/image | training |"
+             + (" FID | KID (× 10³) | FID+KID time |" if fid else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|---|" if fid else "")]
     for r in rows:
         iwae = f"{pm(r, 'nll_nats', 2)} (K = {r['k']}, {r['iwae_n']} images)" if "nll_nats" in r else "—"
-        lines.append(f"| {r['variant']} MNIST | {r['model']} ({r['eval_n']} test images) | {pm(r, 'nelbo_nats', 2)} | "
-                     f"{pm(r, 'nelbo_bpd', 4)} | {iwae} | {r['sample_seconds_per_image']:.3f} | "
-                     f"{r['train_minutes']:.1f} min, {r['epochs']:.1f} epochs |")
+        line = (f"| {r['variant']} MNIST | {r['model']} ({r['eval_n']} test images) | {pm(r, 'nelbo_nats', 2)} | "
+                f"{pm(r, 'nelbo_bpd', 4)} | {iwae} | {r['sample_seconds_per_image']:.3f} | "
+                f"{r['train_minutes']:.1f} min, {r['epochs']:.1f} epochs |")
+        if fid:
+            ddim = ", DDIM" if r["fid_sampler"] == "ddim" else ""
+            line += (f" {r['fid']:.2f} ({r['fid_num']} vs {r['fid_ref']}{ddim}) |"
+                     f" {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} | {r['fid_seconds']:.0f} s |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -191,9 +229,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     train_u8, test_u8 = (load_dataset("mnist", s, data_dir=args.data_dir, download=False).data for s in ("train", "test"))
+    if args.fid_num:
+        args.inception = InceptionFeatures.load(args.fid_weights)  # before any training: fails at once if missing
     rows = []
     for variant in args.variants:
         test = binarize(test_u8, torch.Generator().manual_seed(args.test_seed)) if variant == "binarized" else test_u8
+        if args.fid_num:
+            start = time.time()
+            args.reference = args.inception(test[: args.fid_ref])
+            print(f"  {variant}: reference features of {len(args.reference)} test images, "
+                  f"{time.time() - start:.0f} s", file=sys.stderr)
         rows += run_variant(variant, train_u8, test[: max(args.eval_n, args.iwae_n)], args)
     text = table(rows)
     (args.out / "table.md").write_text(text + "\n")
