@@ -217,8 +217,10 @@ def table(rows: list[dict]) -> str:
                 f"{r['train_minutes']:.1f} min, {r['epochs']:.1f} epochs |")
         if fid:
             ddim = ", DDIM" if r["fid_sampler"] == "ddim" else ""
+            # the sd over KID's random subsets; none when a subset is the whole set (N <= 1000)
+            kid_sd = f" ± {1e3 * r['kid_std']:.2f}" if r["kid_std"] > 1e-9 else ""
             line += (f" {r['fid']:.2f} ({r['fid_num']} vs {r['fid_ref']}{ddim}) |"
-                     f" {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} | {r['fid_seconds']:.0f} s |")
+                     f" {1e3 * r['kid']:.2f}{kid_sd} | {r['fid_seconds']:.0f} s |")
         lines.append(line)
     return "\n".join(lines)
 
