@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from test_vae import linear_gaussian_vae
+from test_vae_autoregressive import with_random_context
 from torch import nn
 from torch.distributions import MultivariateNormal
 
@@ -275,3 +276,34 @@ def test_the_ddpms_importance_weighted_estimate_is_the_log_mean_exp_of_its_traje
     w = torch.cat([model.trajectory_log_weight(x.repeat(n, 1, 1, 1), generator=g).view(n, 3) for n in (4, 2)])
     torch.testing.assert_close(got, torch.logsumexp(w.double(), 0) - math.log(6))
     assert got.shape == (3,) and bool((got > w.double().mean(0)).all())  # Jensen: above the mean log-weight
+
+
+def test_sample_decodes_the_priors_draw_divided_by_the_scale():
+    """x = decode(z' / s), z' from the prior by the sampler asked for, and the decoder's own draws (an
+    autoregressive decoder draws its pixels) from the same generator: the composition by hand gives the same
+    numbers, for DDIM with its options and for the defaults (ancestral; DDIM's eta 0)."""
+    vae = with_random_context(VAE(VAEConfig(latent_dim=2, hidden=(16,), conv_channels=(4,), ar_kernel=3,
+                                            ar_channels=8), (1, 4, 4)))
+    model = LDM(LDMConfig(timesteps=12, net="mlp", latent_scale=2.0), vae.data_shape, vae=vae).double().eval()
+
+    def by_hand(seed, **options):
+        g = torch.Generator().manual_seed(seed)
+        return vae.decode(model.prior.sample(3, generator=g, **options) / 2.0, generator=g)
+
+    calls = []
+    ddim = model.sample(3, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=5, eta=0.7,
+                        progress=lambda i, n: calls.append((i, n)))
+    assert torch.equal(ddim, by_hand(0, sampler="ddim", steps=5, eta=0.7)) and calls == [(i, 5) for i in range(1, 6)]
+    assert not torch.equal(ddim, by_hand(0, sampler="ddim", steps=5, eta=0.0))
+    assert torch.equal(model.sample(3, generator=torch.Generator().manual_seed(1), sampler="ddim", steps=5),
+                       by_hand(1, sampler="ddim", steps=5, eta=0.0))
+    assert torch.equal(model.sample(3, generator=torch.Generator().manual_seed(2)), by_hand(2))
+    assert not torch.equal(by_hand(2), vae.decode(model.prior.sample(3, generator=torch.Generator().manual_seed(2))
+                                                  / 2.0, generator=torch.Generator().manual_seed(2)))
+
+
+def test_reconstruct_is_the_vaes():
+    vae = VAE(VAEConfig(latent_dim=2, hidden=(8,)), (3,))
+    model = LDM(LDMConfig(timesteps=4, net="mlp", latent_scale=2.0), vae.data_shape, vae=vae).eval()
+    x = torch.rand(5, 3)
+    assert torch.equal(model.reconstruct(x), vae.reconstruct(x))
