@@ -65,7 +65,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=["binarized", "8bit"], choices=["binarized", "8bit"])
     p.add_argument("--minutes", type=float, default=5.0, help="training budget per model, wall clock")
     p.add_argument("--timesteps", type=int, default=1000, help="T of the DDPM and of the LDM's prior")
+    p.add_argument("--models", nargs="+", default=["vae", "ldm", "ddpm"], choices=["vae", "ldm", "ddpm"],
+                   help="which to train (the LDM needs the VAE)")
+    p.add_argument("--vae-minutes", type=float, default=None, help="the VAE's budget (default --minutes)")
+    p.add_argument("--ldm-minutes", type=float, default=None, help="the LDM prior's budget (default --minutes)")
     p.add_argument("--latent-dim", type=int, default=32)
+    p.add_argument("--vae-ar-kernel", type=int, default=0,
+                   help="an autoregressive decoder context of this odd kernel (PixelVAE-style; 0: factorized)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--eval-n", type=int, default=1000, help="test images for the bound")
     p.add_argument("--eval-n-ddpm", type=int, default=100, help="test images for the DDPM's bound (T U-Net passes each)")
@@ -178,28 +184,39 @@ def quality(model, name: str, args) -> dict:
 def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> list[dict]:
     torch.manual_seed(args.seed)
     decoder = "bernoulli" if variant == "binarized" else "discretized-logistic"
-    vae = VAE(VAEConfig(arch="conv-mlp", res_blocks=0, activation="silu", latent_dim=args.latent_dim,
-                        decoder=decoder), (1, 28, 28))
     rows = []
-    fit = train_for(vae, list(vae.parameters()), args.minutes, 100, 1e-3, train_u8, variant, args.seed)
-    rows.append({**score(fit.pop("model"), "vae", test_u8, args, args.k_vae, variant, args.eval_n), **fit})
+    if "vae" in args.models:
+        vae = VAE(VAEConfig(arch="conv-mlp", res_blocks=0, activation="silu", latent_dim=args.latent_dim,
+                            decoder=decoder, ar_kernel=args.vae_ar_kernel), (1, 28, 28))
+        fit = train_for(vae, list(vae.parameters()), args.vae_minutes or args.minutes, 100, 1e-3, train_u8, variant,
+                        args.seed)
+        rows.append({**score(fit.pop("model"), "vae", test_u8, args, args.k_vae, variant, args.eval_n), **fit})
+    if "ldm" in args.models:
+        rows.append(train_ldm(vae, variant, train_u8, test_u8, args))
+    if "ddpm" in args.models:
+        rows.append(train_ddpm(variant, train_u8, test_u8, args))
+    return rows
 
+
+def train_ldm(vae: VAE, variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> dict:
     # the latent scale s = 1 / std(z), z ~ q(z|x) over 2,000 training images (Rombach et al., appendix G)
     with torch.no_grad():
         x = to_model(train_u8[:2000], vae.data_range, generator=torch.Generator().manual_seed(args.seed))
         mu, logvar = vae.encode(x)
         scale = 1.0 / float((mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)).std())
     ldm = LDM(LDMConfig(timesteps=args.timesteps, net="mlp", latent_scale=scale), (1, 28, 28), vae=vae)
-    fit = train_for(ldm, list(ldm.prior.parameters()), args.minutes, 256, 1e-3, train_u8, variant, args.seed,
-                    args.ema)
-    rows.append({**score(fit.pop("model"), "ldm", test_u8, args, args.k_ldm, variant, args.eval_n), **fit, "latent_scale": scale})
+    fit = train_for(ldm, list(ldm.prior.parameters()), args.ldm_minutes or args.minutes, 256, 1e-3, train_u8,
+                    variant, args.seed, args.ema)
+    return {**score(fit.pop("model"), "ldm", test_u8, args, args.k_ldm, variant, args.eval_n), **fit,
+            "latent_scale": scale}
 
+
+def train_ddpm(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> dict:
     torch.manual_seed(args.seed)
     ddpm = DDPM(DDPMConfig(data_kind="8bit", net="small", base_channels=32, dropout=0.0, timesteps=args.timesteps),
                 (1, 28, 28))
     fit = train_for(ddpm, list(ddpm.parameters()), args.minutes, 64, 5e-4, train_u8, variant, args.seed, args.ema)
-    rows.append({**score(fit.pop("model"), "ddpm", test_u8, args, args.k_ddpm, variant, args.eval_n_ddpm), **fit})
-    return rows
+    return {**score(fit.pop("model"), "ddpm", test_u8, args, args.k_ddpm, variant, args.eval_n_ddpm), **fit}
 
 
 def table(rows: list[dict]) -> str:
@@ -227,6 +244,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
+    if "ldm" in args.models and "vae" not in args.models:
+        sys.exit("--models ldm needs vae too: the LDM's prior is trained over that VAE's latents")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
