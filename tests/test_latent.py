@@ -222,6 +222,8 @@ def vae_run(tmp_path_factory):
               "--device", "cpu"]
     assert main(["train", "vae", "--out", str(root / "vae"), "--hidden", "16", "--latent-dim", "3", *common]) == 0
     assert main(["train", "--out", str(root / "ddpm"), "--net", "micro", "--timesteps", "4", *common]) == 0
+    assert main(["train", "vae", "--out", str(root / "vae-no-ema"), "--hidden", "16", "--latent-dim", "3",
+                 "--ema-decay", "0", *common]) == 0
     return root
 
 
@@ -263,6 +265,26 @@ def test_initialize_loads_the_vaes_ema_weights_and_measures_the_scale_only_when_
         z = model._encode(x, None)[0]
         assert model.latent_scale.item() == pytest.approx(1.0 / z.double().std().item(), rel=1e-6)
         assert model.latent_scale.item() != pytest.approx(1.0 / model.vae.encode(x)[0].double().std().item())
+
+
+def test_initialize_takes_the_raw_weights_of_a_vae_without_ema_and_names_a_checkpoint_that_does_not_fit(vae_run):
+    from elbox import checkpoint as ckpt
+    from elbox.errors import UserError
+
+    config = LDM.resolve_config(LDMConfig(vae=str(vae_run / "vae-no-ema"), latent_scale=1.0, timesteps=4), "8bit")
+    model = LDM(config, (1, 8, 8))
+    x = torch.zeros(2, 1, 8, 8)
+    model.initialize(x)
+    state = ckpt.load_checkpoint(vae_run / "vae-no-ema", with_training_state=False)
+    assert state.ema is None
+    for name, value in model.vae.state_dict().items():
+        assert torch.equal(value, state.model[name]), name
+    # a VAE run replaced by another model after the LDM was configured: one line naming the checkpoint
+    wrong = LDM(LDM.resolve_config(LDMConfig(vae=str(vae_run / "vae"), latent_scale=1.0, timesteps=4), "8bit"),
+                (1, 8, 8))
+    wrong.config.vae = str(vae_run / "ddpm")
+    with pytest.raises(UserError, match=f"{ckpt.resolve_checkpoint(vae_run / 'ddpm')} holds weights of a different"):
+        wrong.initialize(x)
 
 
 def test_the_ddpms_importance_weighted_estimate_is_the_log_mean_exp_of_its_trajectory_weights():
