@@ -40,7 +40,30 @@ KILLED = {1, 3, 36, 24, -24, 152, 255}  # mutmut's exit codes for killed and tim
 SURVIVED = {0, 5, 33}  # survived, no tests
 
 
+STAMP = REPO / "mutants" / "elbox-mutation-config.json"
+
+
+def forget_results_of_other_settings() -> None:
+    """mutmut keeps a function's results while the function's source is unchanged, by mutant number; but which
+    mutants a function has also depends on ``do_not_mutate_patterns`` / ``only_mutate``, and a change there
+    renumbers them, so kept results would belong to other mutants. When those settings differ from the ones the
+    cached mutants were made with (or are unknown), the mutants and their results are dropped (mutants/src);
+    the test-coverage map (mutants/mutmut-stats.json) does not depend on them and is kept."""
+    import shutil
+
+    settings = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]
+    wanted = {k: settings.get(k, []) for k in ("do_not_mutate_patterns", "only_mutate")}
+    had = json.loads(STAMP.read_text()) if STAMP.is_file() else None
+    if had != wanted and (REPO / "mutants" / "src").exists():
+        print("mutation settings changed since the cached mutants were made: dropping them (mutants/src)",
+              file=sys.stderr)
+        shutil.rmtree(REPO / "mutants" / "src")
+    (REPO / "mutants").mkdir(exist_ok=True)
+    STAMP.write_text(json.dumps(wanted))
+
+
 def run_mutmut(children: int, only: list[str]) -> None:
+    forget_results_of_other_settings()
     # the folder must exist before Python starts: a PYTHONPATH entry missing at start-up is cached as "nothing here"
     (REPO / "mutants" / "src").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "mutants" / "src")}

@@ -1,0 +1,41 @@
+"""benchmarks/mutation.py's cache rule: mutants made under other mutation settings are dropped before a run, so no
+kept result can belong to a renumbered mutant; the coverage map is kept."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("mutation_script", ROOT / "benchmarks" / "mutation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cached_mutants_are_dropped_when_the_mutation_settings_change(tmp_path, monkeypatch):
+    script = load_script()
+    monkeypatch.setattr(script, "REPO", tmp_path)
+    monkeypatch.setattr(script, "STAMP", tmp_path / "mutants" / "elbox-mutation-config.json")
+
+    def settings(patterns):
+        (tmp_path / "pyproject.toml").write_text(f"[tool.mutmut]\ndo_not_mutate_patterns = {patterns!r}\n")
+
+    def cache():
+        (tmp_path / "mutants" / "src").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "mutants" / "src" / "a.py.meta").write_text("{}")
+        (tmp_path / "mutants" / "mutmut-stats.json").write_text("{}")
+
+    settings(["raise"])
+    cache()
+    script.forget_results_of_other_settings()  # made under unknown settings: dropped
+    assert not (tmp_path / "mutants" / "src").exists() and (tmp_path / "mutants" / "mutmut-stats.json").exists()
+    cache()
+    script.forget_results_of_other_settings()  # the same settings: kept
+    assert (tmp_path / "mutants" / "src" / "a.py.meta").exists()
+    settings(["raise", "print"])
+    script.forget_results_of_other_settings()  # other patterns: dropped
+    assert not (tmp_path / "mutants" / "src").exists() and (tmp_path / "mutants" / "mutmut-stats.json").exists()
