@@ -243,6 +243,11 @@ def test_cosine_schedule_follows_its_formula_after_the_warm_up_and_scales_the_up
         assert_same_update(update, -expected_lr * g, model)
         lrs.append(outcome.lr)
     assert lrs[warmup] == base_lr and 0 < lrs[-1] < 0.15 * base_lr  # full after the warm-up, nearly 0 at the end
+    # past the end (a checkpoint further on than a later, smaller --steps) it stays at 0: cos is periodic, the
+    # schedule must not come back up
+    from elbox.training.loop import learning_rate
+
+    assert [learning_rate(s, cfg.train) for s in (steps, steps + 2, steps + 4, 3 * steps)] == [0.0] * 4
 
 
 def test_compile_uses_the_chosen_backend_and_rejects_an_unknown_one(tmp_path):
