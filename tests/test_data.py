@@ -52,6 +52,12 @@ def test_digits_default_values_and_seeded_split():
     ref = {bytes(np.rint(im * 255 / 16).astype(np.uint8).ravel()) for im in load_digits().images}
     got = [bytes(x.numpy().ravel()) for x in torch.cat([train.data, test.data])]
     assert set(got) == ref
+    # the copy elbox ships is scikit-learn's, image for image and label for label, in the same order
+    from elbox.data import embedded
+
+    images, labels = embedded._digits()
+    assert np.array_equal(images[:, 0], np.rint(load_digits().images * 255 / 16).astype(np.uint8))
+    assert np.array_equal(labels, load_digits().target)
     assert int(train.data.max()) == 255
     # same seed, same split; another seed, another split
     assert torch.equal(load_dataset("digits", "test").data, test.data)

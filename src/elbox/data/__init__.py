@@ -74,7 +74,8 @@ def _toy(name: str) -> Callable[[Options], Dataset]:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec("image", "scikit-learn's 8x8 digits, 1,797 images, built in (the default)",
+    "digits": DatasetSpec("image", "8x8 handwritten digits (as scikit-learn bundles them), 1,797 images, built "
+                                    "in (the default)",
                           lambda o: embedded.load(o.split, image_size=o.image_size, channels=o.channels, seed=o.seed)),
     "mnist": DatasetSpec("image", "MNIST, 60k/10k 28x28 grey", _idx(idx.MNIST), needs_files=True),
     "fashion-mnist": DatasetSpec("image", "Fashion-MNIST, 60k/10k 28x28 grey", _idx(idx.FASHION_MNIST), needs_files=True),
