@@ -38,6 +38,7 @@ Prints one JSON line per model to stdout and the table (markdown) to stderr and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -87,6 +88,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/family"))
+    p.add_argument("--save", action="store_true", help="also write each trained model's weights to OUT/VARIANT-MODEL.pt "
+                   "(for a later evaluation at a larger K)")
     return p.parse_args()
 
 
@@ -132,6 +135,9 @@ def train_for(model, params, minutes: float, batch_size: int, lr: float, train_u
 
 def score(model, name: str, test_u8: torch.Tensor, args, k: int, variant: str, eval_n: int) -> dict:
     """The bound and the importance-weighted estimate on the test images, and the sampling time."""
+    if args.save:
+        torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(model.config)},
+                   args.out / f"{variant}-{name}.pt")
     x_all = to_model(test_u8, model.data_range)
     g = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
@@ -204,7 +210,10 @@ def train_ldm(vae: VAE, variant: str, train_u8: torch.Tensor, test_u8: torch.Ten
         x = to_model(train_u8[:2000], vae.data_range, generator=torch.Generator().manual_seed(args.seed))
         mu, logvar = vae.encode(x)
         scale = 1.0 / float((mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)).std())
-    ldm = LDM(LDMConfig(timesteps=args.timesteps, net="mlp", latent_scale=scale), (1, 28, 28), vae=vae)
+    # vae_config: the VAE's description, so that a saved LDM (--save) rebuilds with its VAE inside
+    vae_config = json.dumps({"config": dataclasses.asdict(vae.config), "data_shape": list(vae.data_shape)})
+    ldm = LDM(LDMConfig(timesteps=args.timesteps, net="mlp", latent_scale=scale, vae_config=vae_config), (1, 28, 28),
+              vae=vae)
     fit = train_for(ldm, list(ldm.prior.parameters()), args.ldm_minutes or args.minutes, 256, 1e-3, train_u8,
                     variant, args.seed, args.ema)
     return {**score(fit.pop("model"), "ldm", test_u8, args, args.k_ldm, variant, args.eval_n), **fit,

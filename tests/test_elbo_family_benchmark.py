@@ -23,7 +23,7 @@ def test_the_family_benchmark_scores_each_model_with_fid_and_writes_the_table(tm
     done = subprocess.run(
         [sys.executable, "benchmarks/elbo_family.py", "--variants", "8bit", "--minutes", "0.01", "--timesteps", "8",
          "--eval-n", "8", "--eval-n-ddpm", "4", "--iwae-n", "4", "--k-vae", "3", "--k-ldm", "2", "--fid-num", "6",
-         "--fid-ref", "5", "--fid-ddpm-steps", "3", "--threads", "1", "--out", str(tmp_path)],
+         "--fid-ref", "5", "--fid-ddpm-steps", "3", "--threads", "1", "--save", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
@@ -34,3 +34,14 @@ def test_the_family_benchmark_scores_each_model_with_fid_and_writes_the_table(tm
     assert [r["fid_sampler"] for r in rows] == ["ancestral", "ancestral", "ddim"]
     table = (tmp_path / "table.md").read_text().splitlines()
     assert "FID" in table[0] and len(table) == 2 + 3 and "(6 vs 5, DDIM)" in table[-1]
+    # --save: each model's weights and config, which rebuild the model (the LDM's with its VAE inside)
+    import torch
+
+    from elbox.objectives.ddpm import DDPM, DDPMConfig
+    from elbox.objectives.latent import LDM, LDMConfig
+    from elbox.objectives.vae import VAE, VAEConfig
+
+    for name, model_cls, config_cls in [("vae", VAE, VAEConfig), ("ldm", LDM, LDMConfig), ("ddpm", DDPM, DDPMConfig)]:
+        saved = torch.load(tmp_path / f"8bit-{name}.pt", weights_only=True)
+        model = model_cls(config_cls(**saved["config"]), (1, 28, 28))
+        model.load_state_dict(saved["state_dict"])
