@@ -90,6 +90,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/family"))
     p.add_argument("--save", action="store_true", help="also write each trained model's weights to OUT/VARIANT-MODEL.pt "
                    "(for a later evaluation at a larger K)")
+    p.add_argument("--load", type=Path, help="score the models saved (--save) in this folder instead of training them")
     return p.parse_args()
 
 
@@ -135,9 +136,6 @@ def train_for(model, params, minutes: float, batch_size: int, lr: float, train_u
 
 def score(model, name: str, test_u8: torch.Tensor, args, k: int, variant: str, eval_n: int) -> dict:
     """The bound and the importance-weighted estimate on the test images, and the sampling time."""
-    if args.save:
-        torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(model.config)},
-                   args.out / f"{variant}-{name}.pt")
     x_all = to_model(test_u8, model.data_range)
     g = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
@@ -187,6 +185,24 @@ def quality(model, name: str, args) -> dict:
     return out
 
 
+def trained(name: str, variant: str, args, fit_model) -> dict:
+    """``fit_model()`` (train_for's record, the model under "model"), or with ``--load`` the model saved there; with
+    ``--save`` the weights, config and training record go to OUT/VARIANT-NAME.pt."""
+    classes = {"vae": (VAE, VAEConfig), "ldm": (LDM, LDMConfig), "ddpm": (DDPM, DDPMConfig)}
+    if args.load:
+        saved = torch.load(args.load / f"{variant}-{name}.pt", weights_only=True)
+        model_cls, config_cls = classes[name]
+        model = model_cls(config_cls(**saved["config"]), (1, 28, 28))
+        model.load_state_dict(saved["state_dict"])
+        return {**saved["fit"], "model": model.eval()}
+    fit = fit_model()
+    if args.save:
+        record = {k: v for k, v in fit.items() if k != "model"}
+        torch.save({"state_dict": fit["model"].state_dict(), "config": dataclasses.asdict(fit["model"].config),
+                    "fit": record}, args.out / f"{variant}-{name}.pt")
+    return fit
+
+
 def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> list[dict]:
     torch.manual_seed(args.seed)
     decoder = "bernoulli" if variant == "binarized" else "discretized-logistic"
@@ -194,9 +210,10 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
     if "vae" in args.models:
         vae = VAE(VAEConfig(arch="conv-mlp", res_blocks=0, activation="silu", latent_dim=args.latent_dim,
                             decoder=decoder, ar_kernel=args.vae_ar_kernel), (1, 28, 28))
-        fit = train_for(vae, list(vae.parameters()), args.vae_minutes or args.minutes, 100, 1e-3, train_u8, variant,
-                        args.seed)
-        rows.append({**score(fit.pop("model"), "vae", test_u8, args, args.k_vae, variant, args.eval_n), **fit})
+        fit = trained("vae", variant, args, lambda: train_for(vae, list(vae.parameters()), args.vae_minutes or
+                                                              args.minutes, 100, 1e-3, train_u8, variant, args.seed))
+        vae = fit.pop("model")
+        rows.append({**score(vae, "vae", test_u8, args, args.k_vae, variant, args.eval_n), **fit})
     if "ldm" in args.models:
         rows.append(train_ldm(vae, variant, train_u8, test_u8, args))
     if "ddpm" in args.models:
@@ -214,17 +231,20 @@ def train_ldm(vae: VAE, variant: str, train_u8: torch.Tensor, test_u8: torch.Ten
     vae_config = json.dumps({"config": dataclasses.asdict(vae.config), "data_shape": list(vae.data_shape)})
     ldm = LDM(LDMConfig(timesteps=args.timesteps, net="mlp", latent_scale=scale, vae_config=vae_config), (1, 28, 28),
               vae=vae)
-    fit = train_for(ldm, list(ldm.prior.parameters()), args.ldm_minutes or args.minutes, 256, 1e-3, train_u8,
-                    variant, args.seed, args.ema)
-    return {**score(fit.pop("model"), "ldm", test_u8, args, args.k_ldm, variant, args.eval_n), **fit,
-            "latent_scale": scale}
+    fit = trained("ldm", variant, args, lambda: train_for(ldm, list(ldm.prior.parameters()), args.ldm_minutes or
+                                                          args.minutes, 256, 1e-3, train_u8, variant, args.seed,
+                                                          args.ema))
+    model = fit.pop("model")
+    return {**score(model, "ldm", test_u8, args, args.k_ldm, variant, args.eval_n), **fit,
+            "latent_scale": float(model.latent_scale)}
 
 
 def train_ddpm(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> dict:
     torch.manual_seed(args.seed)
     ddpm = DDPM(DDPMConfig(data_kind="8bit", net="small", base_channels=32, dropout=0.0, timesteps=args.timesteps),
                 (1, 28, 28))
-    fit = train_for(ddpm, list(ddpm.parameters()), args.minutes, 64, 5e-4, train_u8, variant, args.seed, args.ema)
+    fit = trained("ddpm", variant, args, lambda: train_for(ddpm, list(ddpm.parameters()), args.minutes, 64, 5e-4,
+                                                           train_u8, variant, args.seed, args.ema))
     return {**score(fit.pop("model"), "ddpm", test_u8, args, args.k_ddpm, variant, args.eval_n_ddpm), **fit}
 
 

@@ -34,14 +34,19 @@ def test_the_family_benchmark_scores_each_model_with_fid_and_writes_the_table(tm
     assert [r["fid_sampler"] for r in rows] == ["ancestral", "ancestral", "ddim"]
     table = (tmp_path / "table.md").read_text().splitlines()
     assert "FID" in table[0] and len(table) == 2 + 3 and "(6 vs 5, DDIM)" in table[-1]
-    # --save: each model's weights and config, which rebuild the model (the LDM's with its VAE inside)
-    import torch
-
-    from elbox.objectives.ddpm import DDPM, DDPMConfig
-    from elbox.objectives.latent import LDM, LDMConfig
-    from elbox.objectives.vae import VAE, VAEConfig
-
-    for name, model_cls, config_cls in [("vae", VAE, VAEConfig), ("ldm", LDM, LDMConfig), ("ddpm", DDPM, DDPMConfig)]:
-        saved = torch.load(tmp_path / f"8bit-{name}.pt", weights_only=True)
-        model = model_cls(config_cls(**saved["config"]), (1, 28, 28))
-        model.load_state_dict(saved["state_dict"])
+    # --save, then --load: the saved models, scored again without training, give the same numbers
+    again = subprocess.run(
+        [sys.executable, "benchmarks/elbo_family.py", "--variants", "8bit", "--timesteps", "8", "--eval-n", "8",
+         "--eval-n-ddpm", "4", "--iwae-n", "4", "--k-vae", "3", "--k-ldm", "2", "--threads", "1",
+         "--load", str(tmp_path), "--out", str(tmp_path / "again")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    reloaded = [json.loads(line) for line in again.stdout.splitlines()]
+    assert "trained" not in again.stderr  # nothing was trained
+    for before, after in zip(rows, reloaded, strict=True):
+        assert after["model"] == before["model"] and after["nelbo_nats"] == before["nelbo_nats"]
+        assert after.get("nll_nats") == before.get("nll_nats")
+    # the training record (minutes, epochs) travels with the weights
+    training = [[line.split("|")[7] for line in (d / "table.md").read_text().splitlines()[2:]]
+                for d in (tmp_path, tmp_path / "again")]
+    assert training[0] == training[1]
