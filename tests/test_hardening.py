@@ -67,6 +67,43 @@ def test_an_invalid_newer_checkpoint_is_moved_aside_and_the_run_resumes(tiny_run
     assert ckpt.latest_checkpoint(run).name == "step-0000004"
 
 
+def _corrupt(folder):
+    """Flip one byte of a checkpoint's weights: the manifest is intact, only its checksum can tell."""
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_that_fails_its_checksum_is_moved_aside_beside_earlier_ones(tiny_run, tmp_path):
+    """The newest checkpoint has its manifest but a damaged file: only the checksum finds it. It is moved aside
+    under a name no earlier move took (.invalid, then .invalid-1, .invalid-2, ...), and the one before it is used."""
+    for taken, expected in [((), ".invalid"), ((".invalid",), ".invalid-1"), ((".invalid", ".invalid-1"), ".invalid-2")]:
+        run = tmp_path / f"run{len(taken)}"
+        shutil.copytree(tiny_run, run)
+        root = run / "checkpoints"
+        for suffix in taken:  # left by earlier moves: never overwritten
+            (root / f"step-0000002{suffix}").mkdir()
+            (root / f"step-0000002{suffix}" / "mine.txt").write_text(suffix)
+        _corrupt(root / "step-0000002")
+        found, notes = ckpt.latest_valid_checkpoint(run)
+        assert found == root / "step-0000001"
+        assert len(notes) == 1 and f"step-0000002{expected}" in notes[0]
+        assert (root / f"step-0000002{expected}" / "manifest.json").is_file()
+        for suffix in taken:
+            assert (root / f"step-0000002{suffix}" / "mine.txt").read_text() == suffix
+
+
+def test_the_latest_checkpoint_is_the_highest_step_past_seven_digits(tiny_run, tmp_path):
+    """step-10000000 comes after step-9999999: folders are ordered by their step, not by their name."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    root = run / "checkpoints"
+    (root / "step-0000001").rename(root / "step-9999999")
+    (root / "step-0000002").rename(root / "step-10000000")
+    assert ckpt.latest_valid_checkpoint(run) == (root / "step-10000000", [])
+
+
 def test_a_run_whose_checkpoints_are_gone_is_not_silently_restarted(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
