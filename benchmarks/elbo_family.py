@@ -190,7 +190,10 @@ def trained(name: str, variant: str, args, fit_model) -> dict:
     ``--save`` the weights, config and training record go to OUT/VARIANT-NAME.pt."""
     classes = {"vae": (VAE, VAEConfig), "ldm": (LDM, LDMConfig), "ddpm": (DDPM, DDPMConfig)}
     if args.load:
-        saved = torch.load(args.load / f"{variant}-{name}.pt", weights_only=True)
+        path = args.load / f"{variant}-{name}.pt"
+        if not path.is_file():
+            sys.exit(f"--load {args.load}: it holds no {path.name}; write it with a run that has --save")
+        saved = torch.load(path, weights_only=True)
         model_cls, config_cls = classes[name]
         model = model_cls(config_cls(**saved["config"]), (1, 28, 28))
         model.load_state_dict(saved["state_dict"])
