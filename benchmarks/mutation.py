@@ -139,10 +139,21 @@ def main() -> None:
     stale = sorted(set(equivalent) - {n for codes in results.values() for n in codes})
     if stale:
         print(f"\n{len(stale)} entries of {EQUIVALENT.name} name no current mutant (the code moved): {stale[:5]}")
+    wrong = killed_but_listed(results, equivalent)
+    if wrong:
+        print(f"\n{len(wrong)} entries of {EQUIVALENT.name} name a mutant the tests kill (the numbers moved, or the "
+              f"reason is wrong): {wrong}")
     if args.survivors:
         for path, names in survivors.items():
             for name in names:
                 print(f"\n# {name}\n{mutant_diff(name)}")
+
+
+def killed_but_listed(results: dict[str, dict[str, int | None]], equivalent: dict[str, str]) -> list[str]:
+    """Entries of the equivalents file whose mutant the tests kill. An equivalent mutant cannot be killed, so such an
+    entry names the wrong mutant (its function changed and the numbers moved) or gives a wrong reason; either way
+    it must go, or it would hide a killed mutant and, worse, the real equivalent one would show as a survivor."""
+    return sorted(n for codes in results.values() for n, code in codes.items() if n in equivalent and code in KILLED)
 
 
 if __name__ == "__main__":

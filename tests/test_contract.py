@@ -67,8 +67,12 @@ def test_bound_draws_from_its_generator_and_leaves_the_global_rng_alone(kind):
 
 def test_a_model_refuses_sampler_options_it_does_not_take():
     models = small_models()
-    with pytest.raises(UserError, match="does not take the sampling option.*steps"):
-        models["vae"].sample(2, steps=3)
+    with pytest.raises(UserError, match=r"a vae does not take the sampling option\(s\) steps \(it takes: none\)$"):
+        models["vae"].sample(2, steps=3)  # the error says what it does take
+    models["vae"].sampler_options = ("temperature", "steps")  # a model that takes some: they are listed
+    with pytest.raises(UserError, match=r"option\(s\) eta \(it takes: temperature, steps\)$"):
+        models["vae"].sample(2, eta=0.5)
+    del models["vae"].sampler_options  # back to the class's: none
     with pytest.raises(UserError, match="--sampler ddim does not apply to a vae"):
         sampler_options(models["vae"], SampleConfig(sampler="ddim"))
     assert sampler_options(models["vae"], SampleConfig()) == {}

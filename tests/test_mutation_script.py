@@ -43,3 +43,13 @@ def test_cached_mutants_are_dropped_when_the_mutation_settings_change(tmp_path, 
     settings(["raise", "print"])
     script.forget_results_of_other_settings()  # other patterns: dropped
     assert not (tmp_path / "mutants" / "src").exists() and (tmp_path / "mutants" / "mutmut-stats.json").exists()
+
+
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is not here (mutmut runs the tests from its copy)")
+def test_an_equivalent_entry_whose_mutant_is_killed_is_reported():
+    script = load_script()
+    killed, survived = next(iter(script.KILLED)), next(iter(script.SURVIVED))
+    results = {"src/a.py": {"a.f__mutmut_1": killed, "a.f__mutmut_2": survived, "a.f__mutmut_3": None}}
+    listed = {"a.f__mutmut_1": "wrong: the tests kill it", "a.f__mutmut_2": "equivalent", "a.f__mutmut_3": "not run"}
+    assert script.killed_but_listed(results, listed) == ["a.f__mutmut_1"]
+    assert script.killed_but_listed(results, {"a.f__mutmut_2": "equivalent"}) == []
