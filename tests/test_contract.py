@@ -128,6 +128,15 @@ def test_columns_must_match_the_term_and_steps_must_exist():
     assert Terms(terms={"kl": torch.zeros(3)}, dims=1).per_step() is None
 
 
+def test_each_column_of_a_term_has_a_label():
+    """One number per example is one column named after the term; wider terms have name[i] unless their columns
+    are named."""
+    terms = Terms(terms={"nll": torch.zeros(3), "one": torch.zeros(3, 1), "kl": torch.zeros(3, 2),
+                         "steps": torch.zeros(3, 2)}, dims=1, columns={"steps": ("L_1", "L_2")})
+    assert terms.labels("nll") == ("nll",) and terms.labels("one") == ("one",)
+    assert terms.labels("kl") == ("kl[0]", "kl[1]") and terms.labels("steps") == ("L_1", "L_2")
+
+
 def test_the_ddpm_bound_labels_its_timesteps():
     model = small_models()["ddpm"].eval()
     bound = model.bound(torch.zeros(2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
