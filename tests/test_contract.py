@@ -18,7 +18,7 @@ from elbox.config import MODELS, DataConfig, RunConfig, SampleConfig, TrainConfi
 from elbox.errors import UserError
 from elbox.objectives.base import ELBOModel
 from elbox.objectives.ddpm import DDPM, DDPMConfig
-from elbox.objectives.terms import Terms
+from elbox.objectives.terms import Terms, log_mean_exp_in_chunks
 from elbox.objectives.vae import VAE, VAEConfig
 from elbox.training.loop import train
 
@@ -234,3 +234,14 @@ def test_term_words_names_a_term_and_where_it_sits():
     assert term_words("stage2/prior/kl") == "the KL term of the latent prior of the stage2"
     assert term_words("mystery") == "the term 'mystery'"
     assert term_words("prior/mystery") == "the term 'mystery' of the latent prior"
+
+
+def test_the_importance_weighted_estimate_in_chunks_is_log_mean_exp_and_refuses_a_bad_k():
+    """log 1/k sum_i w_i over chunks equals torch's logsumexp - log k; k must be a whole number >= 1 (one line)."""
+    w = torch.randn(7, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = iter(w)
+    got = log_mean_exp_in_chunks(lambda n: torch.stack([next(rows) for _ in range(n)]), 7, 3)
+    assert torch.allclose(got, torch.logsumexp(w, 0) - torch.log(torch.tensor(7.0, dtype=torch.float64)))
+    for k in (0, -2, 2.5):
+        with pytest.raises(UserError, match=f"must be an integer >= 1; got {k}"):
+            log_mean_exp_in_chunks(lambda n: torch.zeros(n, 3), k, 3)
