@@ -49,15 +49,16 @@ def test_digits_default_values_and_seeded_split():
     assert 0.07 < len(test) / 1797 < 0.13
     assert train.split_info["method"] == "seeded" and "seed 0" in train.description
     # the values are round(v * 255 / 16) of scikit-learn's 0..16 images, and the two splits partition them
-    ref = {bytes(np.rint(im * 255 / 16).astype(np.uint8).ravel()) for im in load_digits().images}
+    digits = load_digits()
+    ref = {bytes(np.rint(im * 255 / 16).astype(np.uint8).ravel()) for im in digits.images}
     got = [bytes(x.numpy().ravel()) for x in torch.cat([train.data, test.data])]
     assert set(got) == ref
     # the copy elbox ships is scikit-learn's, image for image and label for label, in the same order
     from elbox.data import embedded
 
     images, labels = embedded._digits()
-    assert np.array_equal(images[:, 0], np.rint(load_digits().images * 255 / 16).astype(np.uint8))
-    assert np.array_equal(labels, load_digits().target)
+    assert np.array_equal(images[:, 0], np.rint(digits.images * 255 / 16).astype(np.uint8))
+    assert np.array_equal(labels, digits.target)
     assert int(train.data.max()) == 255
     # same seed, same split; another seed, another split
     assert torch.equal(load_dataset("digits", "test").data, test.data)
