@@ -194,6 +194,45 @@ def test_the_ldm_importance_weighted_estimate_is_a_bound_that_tightens_to_log_px
     assert torch.all((k500 - log_px).abs() < 0.1) and torch.all(k500 > k1.mean(0) + 0.3)
 
 
+def test_the_ldm_importance_weighted_estimate_by_hand_from_the_same_generator():
+    """LDM.iwae_bound, each weight written out: z = mu + sigma eps (eps from the generator, drawn in float32),
+    log q(z|x) from torch.distributions, log p(x|z) from the decoder, log p_DDPM(s z) from the prior's trajectory
+    (its noise from the same generator, after z's) plus d log s; log-mean-exp over k = 6 weights drawn in chunks of 4
+    then 2 (and 18 in the default chunks of 16, then 2). Then in float32, as a new model is built (its scale s is a float64 buffer), one image with k = 1: the
+    estimate is that single weight."""
+
+    def by_hand(model, x, k, chunk, seed):
+        g = torch.Generator().manual_seed(seed)
+        mu, logvar = model.vae.encode(x)
+        weights = []
+        for n in [chunk] * (k // chunk) + ([k % chunk] if k % chunk else []):
+            mu_n, sigma_n = mu.repeat(n, 1), torch.exp(0.5 * logvar.repeat(n, 1))
+            z = mu_n + sigma_n * torch.randn(mu_n.shape, generator=g).to(x.dtype)  # drawn in float32 (draws.py)
+            log_q = torch.distributions.Normal(mu_n, sigma_n).log_prob(z).sum(1)
+            log_p = (model.vae.log_px_given_z(x.repeat(n, 1), z)
+                     + model.prior.trajectory_log_weight(0.8 * z, generator=g) + 3 * math.log(0.8))
+            weights.append((log_p - log_q).view(n, len(x)))
+        return torch.logsumexp(torch.cat(weights).double(), 0) - math.log(k)
+
+    def ldm():
+        torch.manual_seed(3)
+        vae = VAE(VAEConfig(hidden=(8,), latent_dim=3, decoder="gaussian", decoder_sigma=0.7), (5,))
+        return LDM(LDMConfig(timesteps=6, net="mlp", latent_scale=0.8), vae.data_shape, vae=vae).eval()
+
+    x = torch.randn(2, 5, dtype=torch.float64)
+    with torch.no_grad():
+        model = ldm().double()
+        got = model.iwae_bound(x, 6, generator=torch.Generator().manual_seed(11), chunk=4)
+        torch.testing.assert_close(got, by_hand(model, x, 6, 4, 11), rtol=1e-12, atol=1e-10)
+        default_chunks = model.iwae_bound(x, 18, generator=torch.Generator().manual_seed(13))  # 16, then 2
+        torch.testing.assert_close(default_chunks, by_hand(model, x, 18, 16, 13), rtol=1e-12, atol=1e-10)
+        model = ldm()
+        assert model.latent_scale.dtype == torch.float64 and next(model.parameters()).dtype == torch.float32
+        one = model.iwae_bound(x[:1].float(), 1, generator=torch.Generator().manual_seed(12))
+        torch.testing.assert_close(one, by_hand(model, x[:1].float(), 1, 1, 12), rtol=1e-5, atol=1e-4)
+    assert got.dtype == one.dtype == torch.float64 and got.shape == (2,) and one.shape == (1,)
+
+
 # ------------------------------------------------------------------------- the pieces the trainer calls
 def test_losses_carry_the_priors_loss_on_s_z_under_prefixed_names():
     """LDM.losses: the prior's own loss (and unit) on s z for the z the terms were computed at; the bound's terms
