@@ -156,6 +156,23 @@ class DDPM(ELBOModel):
         return Terms(terms={"steps": steps, "prior": prior}, dims=self.dims, loss=loss, extras={"mse": mse.detach()},
                      loss_unit=unit)
 
+    def bound_estimate(self, x: Tensor) -> Terms:
+        """One unbiased single-t estimate of the bound on x, weight * L_t + L_T (nats, the terms of ``losses``),
+        differentiable in x but not in the network's weights: the network runs on detached copies of them.
+
+        This is the gradient end-to-end latent diffusion sends to a VAE's encoder through the cross-entropy
+        E_q(z|x)[L_DDPM(z)] (LSGM, Vahdat et al. 2021, eq. 5): x_t = sqrt(abar) x + sqrt(1 - abar) eps is
+        reparameterised, so the gradient of the estimate is an unbiased estimate of the bound's gradient in x; the
+        prior itself keeps training on its own loss (``losses``), as LSGM trains its score model.
+        """
+        d = self.diffusion
+        t, weight = d.sample_timesteps(x.shape[0], x.device)
+        x_t = d.q_sample(x, t, draws.randn_like(x))
+        detached = {name: p.detach() for name, p in self.net.named_parameters()}
+        output = torch.func.functional_call(self.net, detached, (x_t, t))
+        l_t, _ = d.vlb_terms(self.net, x, x_t, t, model_output=output)
+        return Terms(terms={"steps": weight * l_t, "prior": d.prior_kl(x)}, dims=self.dims)
+
     # ---------------------------------------------------------------------------------------- evaluation
     def bound(self, x: Tensor, *, generator: torch.Generator | None = None) -> Terms:
         """The full variational bound on x_0, every timestep computed (no sampling of t), in nats per example:

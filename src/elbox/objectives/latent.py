@@ -36,7 +36,7 @@ from elbox.errors import UserError
 from elbox.objectives.base import ELBOModel
 from elbox.objectives.ddpm import DDPM, DataKind, DDPMConfig, Sampler
 from elbox.objectives.gaussian import LOG_2PI, gaussian_log_prob
-from elbox.objectives.terms import Terms, log_mean_exp_in_chunks
+from elbox.objectives.terms import Terms, bits_per_dim, log_mean_exp_in_chunks
 from elbox.objectives.vae import VAE, VAEConfig
 
 
@@ -47,6 +47,7 @@ class LDMConfig(DDPMConfig):
     vae: str = ""  # the run folder (or checkpoint) of the trained VAE whose latents the DDPM models; kept frozen
     latent_scale: float = 0.0  # the latents are multiplied by this before diffusion; 0: 1 / their std, measured once
     vae_config: str = ""  # filled in by `elbox train`: the VAE's description (JSON), so that a checkpoint is complete
+    end_to_end: bool = False  # also train the VAE, on the whole bound (LSGM); off: two stages, the VAE frozen
     net: str = "mlp"  # the denoiser: mlp (vector latents) or a U-Net preset (spatial latents of a conv VAE)
     data_kind: DataKind = "continuous"  # latents are continuous values: a Gaussian L_0, no clipping (fixed for the LDM)
 
@@ -82,7 +83,8 @@ class LDM(ELBOModel):
         if vae.data_shape != self.data_shape:
             raise UserError(f"the VAE was trained on data of shape {vae.data_shape}, not {self.data_shape}; train the "
                             f"latent diffusion model on the VAE's data (its --data, --image-size, --channels)")
-        self.vae = vae.eval().requires_grad_(False)  # frozen: the second stage trains the prior only
+        # two stages: the VAE frozen, the prior trained alone; end to end: the VAE trained too, on the whole bound
+        self.vae = vae.eval().requires_grad_(config.end_to_end)
         self.prior = DDPM(config.prior_config(), vae.latent_shape)
         # s, stored with the weights: a measured scale must survive a checkpoint
         self.register_buffer("latent_scale", torch.tensor(config.latent_scale or 1.0, dtype=torch.float64))
@@ -130,12 +132,14 @@ class LDM(ELBOModel):
 
     def train(self, mode: bool = True) -> "LDM":
         super().train(mode)
-        self.vae.eval()  # frozen, whatever the trainer asks
+        if not self.config.end_to_end:
+            self.vae.eval()  # frozen, whatever the trainer asks
         return self
 
     def _encode(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """z ~ q(z|x) by reparameterisation (from the trainer's stream, or ``generator``) and log sigma^2."""
-        with torch.no_grad():
+        """z ~ q(z|x) by reparameterisation (from the trainer's stream, or ``generator``) and log sigma^2;
+        differentiable in the encoder's weights only end to end."""
+        with torch.set_grad_enabled(self.config.end_to_end and torch.is_grad_enabled()):
             mu, logvar = self.vae.encode(x)
         eps = draws.randn_like(mu) if generator is None else draws.randn_from(generator, mu.shape, mu.device, mu.dtype)
         return mu + torch.exp(0.5 * logvar) * eps, logvar
@@ -143,7 +147,7 @@ class LDM(ELBOModel):
     def _vae_terms(self, x: Tensor, z: Tensor, logvar: Tensor) -> dict[str, Tensor]:
         s = self.latent_scale.to(z.dtype)
         d = z[0].numel()
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.config.end_to_end and torch.is_grad_enabled()):
             decoder_nll = -self.vae.log_px_given_z(x, z)
         # -H[N(mu, sigma^2)] = -1/2 sum(1 + log 2 pi + log sigma^2), in closed form
         neg_entropy = -0.5 * (1.0 + LOG_2PI + logvar).flatten(1).sum(1)
@@ -153,11 +157,25 @@ class LDM(ELBOModel):
 
     # ---- the contract --------------------------------------------------------------------------------------
     def losses(self, x: Tensor, *, step: int) -> Terms:
-        """The prior's training loss on s z, z ~ q(z|x); the terms are an unbiased estimate of the whole bound."""
+        """The prior's training loss on s z, z ~ q(z|x); the terms are an unbiased estimate of the whole bound.
+
+        End to end, the loss adds that estimate in bits/dim, its gradient reaching the VAE (through z and the
+        decoder) but not the prior's weights (``DDPM.bound_estimate``), which train on the prior's own loss alone:
+        LSGM's split (Vahdat et al. 2021, sec. 3), with the likelihood weighting for the VAE, so that the VAE
+        maximises the very bound that is reported.
+        """
         z, logvar = self._encode(x, None)
-        prior = self.prior.losses(z * self.latent_scale.to(z.dtype), step=step)
+        s = self.latent_scale.to(z.dtype)
         own = Terms(terms=self._vae_terms(x, z, logvar), dims=self.dims)
-        return Terms.merge([own, prior.prefixed("prior")], dims=self.dims, loss=prior.loss, loss_unit=prior.loss_unit)
+        if not self.config.end_to_end:
+            prior = self.prior.losses(z * s, step=step)
+            return Terms.merge([own, prior.prefixed("prior")], dims=self.dims, loss=prior.loss,
+                               loss_unit=prior.loss_unit)
+        prior = self.prior.losses((z * s).detach(), step=step)
+        bound = Terms.merge([own, self.prior.bound_estimate(z * s).prefixed("prior")], dims=self.dims)
+        return dataclasses.replace(bound, loss=prior.loss + bits_per_dim(bound.nll, self.dims),
+                                   loss_unit=f"the prior's {prior.loss_unit} + the bound in bits/dim",
+                                   extras=prior.prefixed("prior").extras)
 
     def bound(self, x: Tensor, *, generator: torch.Generator | None = None) -> Terms:
         """The negative ELBO on x in nats, with the prior's bound computed over every timestep at one z ~ q(z|x)."""
