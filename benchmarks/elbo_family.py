@@ -16,7 +16,9 @@ For each variant of MNIST (``../shared/data/mnist``, read by ``elbox.data``, nev
 Every model: Adam, the learning rate decayed with a cosine over the wall-clock budget (so the schedule ends when the
 budget does), the diffusion models with an EMA of the weights (decay ``--ema``). The latent diffusion model
 trains only its prior, for the same budget, on z ~ q(z|x) of the frozen VAE; its latent scale s = 1/std(z) is
-measured on 2,000 training images first.
+measured on 2,000 training images first. With ``--e2e-minutes``, that model is then fine-tuned end to end (a row
+``ldm-e2e``): the VAE too, on the whole bound, its encoder pulled by the prior's cross-entropy term (LSGM,
+``LDMConfig.end_to_end``), the prior on its own loss.
 
 Scores, on the first ``--eval-n`` test images, mean and standard error over images:
 - ``-ELBO``: each model's full negative ELBO (``bound``: every timestep of a DDPM computed, one draw of x_t each;
@@ -70,6 +72,9 @@ def parse_args() -> argparse.Namespace:
                    help="which to train (the LDM needs the VAE)")
     p.add_argument("--vae-minutes", type=float, default=None, help="the VAE's budget (default --minutes)")
     p.add_argument("--ldm-minutes", type=float, default=None, help="the LDM prior's budget (default --minutes)")
+    p.add_argument("--e2e-minutes", type=float, default=0.0,
+                   help="then fine-tune the LDM end to end (VAE and prior, LSGM) for this long: a row 'ldm-e2e' (0: skip)")
+    p.add_argument("--e2e-lr", type=float, default=3e-4, help="the end-to-end fine-tuning's peak learning rate")
     p.add_argument("--latent-dim", type=int, default=32)
     p.add_argument("--vae-ar-kernel", type=int, default=0,
                    help="an autoregressive decoder context of this odd kernel (PixelVAE-style; 0: factorized)")
@@ -188,7 +193,7 @@ def quality(model, name: str, args) -> dict:
 def trained(name: str, variant: str, args, fit_model) -> dict:
     """``fit_model()`` (train_for's record, the model under "model"), or with ``--load`` the model saved there; with
     ``--save`` the weights, config and training record go to OUT/VARIANT-NAME.pt."""
-    classes = {"vae": (VAE, VAEConfig), "ldm": (LDM, LDMConfig), "ddpm": (DDPM, DDPMConfig)}
+    classes = {"vae": (VAE, VAEConfig), "ldm": (LDM, LDMConfig), "ldm-e2e": (LDM, LDMConfig), "ddpm": (DDPM, DDPMConfig)}
     if args.load:
         path = args.load / f"{variant}-{name}.pt"
         if not path.is_file():
@@ -218,7 +223,10 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
         vae = fit.pop("model")
         rows.append({**score(vae, "vae", test_u8, args, args.k_vae, variant, args.eval_n), **fit})
     if "ldm" in args.models:
-        rows.append(train_ldm(vae, variant, train_u8, test_u8, args))
+        row, ldm = train_ldm(vae, variant, train_u8, test_u8, args)
+        rows.append(row)
+        if args.e2e_minutes:
+            rows.append(fine_tune_end_to_end(ldm, variant, train_u8, test_u8, args))
     if "ddpm" in args.models:
         rows.append(train_ddpm(variant, train_u8, test_u8, args))
     return rows
@@ -239,6 +247,24 @@ def train_ldm(vae: VAE, variant: str, train_u8: torch.Tensor, test_u8: torch.Ten
                                                           args.ema))
     model = fit.pop("model")
     return {**score(model, "ldm", test_u8, args, args.k_ldm, variant, args.eval_n), **fit,
+            "latent_scale": float(model.latent_scale)}, model
+
+
+def fine_tune_end_to_end(ldm: LDM, variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> dict:
+    """The two-stage LDM (its EMA weights), then every weight, the VAE's too, trained on the whole bound
+    (``LDMConfig.end_to_end``, LSGM) for ``--e2e-minutes``; the latent scale s stays as measured."""
+    import copy
+
+    def fit_model():
+        config = dataclasses.replace(ldm.config, end_to_end=True)
+        model = LDM(config, ldm.data_shape, vae=copy.deepcopy(ldm.vae))
+        model.load_state_dict(ldm.state_dict())
+        return train_for(model, list(model.parameters()), args.e2e_minutes, 128, args.e2e_lr, train_u8, variant,
+                         args.seed, args.ema)
+
+    fit = trained("ldm-e2e", variant, args, fit_model)
+    model = fit.pop("model")
+    return {**score(model, "ldm-e2e", test_u8, args, args.k_ldm, variant, args.eval_n), **fit,
             "latent_scale": float(model.latent_scale)}
 
 

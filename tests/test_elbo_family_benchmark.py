@@ -1,5 +1,5 @@
 """benchmarks/elbo_family.py end to end on a tiny budget: every model of a variant trained, scored, its samples
-drawn, FID and KID measured, one JSON line each and the table (MNIST from ../shared/data; skipped without it)."""
+drawn (the latent diffusion model also fine-tuned end to end), FID and KID measured, one JSON line each and the table (MNIST from ../shared/data; skipped without it)."""
 
 from __future__ import annotations
 
@@ -22,21 +22,24 @@ MNIST = ROOT.parent / "shared" / "data" / "mnist"
 def test_the_family_benchmark_scores_each_model_with_fid_and_writes_the_table(tmp_path):
     done = subprocess.run(
         [sys.executable, "benchmarks/elbo_family.py", "--variants", "8bit", "--minutes", "0.01", "--timesteps", "8",
-         "--eval-n", "8", "--eval-n-ddpm", "4", "--iwae-n", "4", "--k-vae", "3", "--k-ldm", "2", "--fid-num", "6",
+         "--e2e-minutes", "0.01", "--eval-n", "8", "--eval-n-ddpm", "4", "--iwae-n", "4", "--k-vae", "3", "--k-ldm", "2",
+         "--fid-num", "6",
          "--fid-ref", "5", "--fid-ddpm-steps", "3", "--threads", "1", "--save", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [r["model"] for r in rows] == ["vae", "ldm", "ddpm"]
+    assert [r["model"] for r in rows] == ["vae", "ldm", "ldm-e2e", "ddpm"]
+    assert rows[2]["nelbo_nats"] != rows[1]["nelbo_nats"]  # fine-tuned: the same draws, another bound
     for r in rows:
         assert r["fid_num"] == 6 and r["fid_ref"] == 5 and math.isfinite(r["fid"]) and r["fid"] > 0
         assert math.isfinite(r["kid"]) and r["fid_seconds"] > 0 and Path(r["samples"]).is_file()
-    assert [r["fid_sampler"] for r in rows] == ["ancestral", "ancestral", "ddim"]
+    assert [r["fid_sampler"] for r in rows] == ["ancestral", "ancestral", "ancestral", "ddim"]
     table = (tmp_path / "table.md").read_text().splitlines()
-    assert "FID" in table[0] and len(table) == 2 + 3 and "(6 vs 5, DDIM)" in table[-1]
+    assert "FID" in table[0] and len(table) == 2 + 4 and "(6 vs 5, DDIM)" in table[-1]
     # --save, then --load: the saved models, scored again without training, give the same numbers
     again = subprocess.run(
-        [sys.executable, "benchmarks/elbo_family.py", "--variants", "8bit", "--timesteps", "8", "--eval-n", "8",
+        [sys.executable, "benchmarks/elbo_family.py", "--variants", "8bit", "--timesteps", "8", "--e2e-minutes", "0.01",
+         "--eval-n", "8",
          "--eval-n-ddpm", "4", "--iwae-n", "4", "--k-vae", "3", "--k-ldm", "2", "--threads", "1",
          "--load", str(tmp_path), "--out", str(tmp_path / "again")],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
