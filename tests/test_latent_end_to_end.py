@@ -166,3 +166,34 @@ def test_elbox_train_ldm_end_to_end_changes_the_vae_and_two_stages_keep_it(vae_r
         assert changed == list(model.vae.state_dict())  # every weight of the VAE trained
     else:
         assert changed == []
+
+
+@pytest.mark.parametrize("e2e", [False, True], ids=["two-stage", "end-to-end"])
+def test_compile_reaches_the_networks_inside_the_vae_and_the_prior(e2e):
+    """``--compile`` on latent diffusion compiles its parts' networks (the encoder, the decoder, the prior's
+    denoiser; a part's own forward is never called), and the loss is the same, end to end as well (where the
+    denoiser also runs on detached weights)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from elbox.training.session import compile_networks
+
+    torch.manual_seed(0)
+    model = LDM(LDMConfig(timesteps=4, latent_scale=1.0, end_to_end=e2e), (6,),
+                vae=VAE(VAEConfig(hidden=(16,), latent_dim=3), (6,)))
+    x = torch.rand(4, 6)
+    torch.manual_seed(2)
+    eager = model.losses(x, step=0).loss
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_networks(model, "aot_eager")
+        torch.manual_seed(2)
+        compiled = model.losses(x, step=0).loss
+        compiled.mean().backward()
+        assert counters["frames"]["ok"] >= 3, dict(counters["frames"])
+    finally:
+        torch._dynamo.reset()
+        counters.clear()
+    assert all(m._compiled_call_impl is not None for m in (model.vae.encoder, model.vae.decoder, model.prior.net))
+    torch.testing.assert_close(compiled, eager)

@@ -226,14 +226,17 @@ def micro_rows(t: TrainConfig, info: DistInfo) -> list[torch.Tensor]:
 
 def compile_networks(model: ELBOModel, backend: str) -> None:
     """torch.compile each network of the model in place (state-dict names unchanged; the objective's math and its
-    random draws stay eager)."""
+    random draws stay eager). A model made of models (latent diffusion: a VAE and a DDPM) has its parts' networks
+    compiled: a part's own forward is never called."""
     import torch._dynamo
 
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise UserError(f"compile_backend={backend!r} is not known to torch.compile; "
                         f"choose one of {', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
     for child in model.children():
-        if any(True for _ in child.parameters()):
+        if isinstance(child, ELBOModel):
+            compile_networks(child, backend)
+        elif any(True for _ in child.parameters()):
             child.compile(backend=backend)
 
 def _read_latest(out: Path, checkpoint_every: int) -> ckpt.Checkpoint | None:  # pragma: no mutate block
