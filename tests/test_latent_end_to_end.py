@@ -62,6 +62,24 @@ def test_the_priors_bound_estimate_and_its_gradient_in_x_are_unbiased_and_leave_
     assert torch.all(full.mean(0).norm(dim=1) > 10 * se.norm(dim=1))  # a gradient the test can see, not noise
 
 
+def test_the_bound_estimate_runs_the_denoiser_without_dropout_as_the_bound_does():
+    """In training mode too: the VAE follows the gradient of the bound that is evaluated (dropout off), and the
+    network is left in the mode it was in."""
+    torch.manual_seed(0)
+    prior = DDPM(DDPMConfig(timesteps=4, net="micro", dropout=0.5, data_kind="continuous"), (1, 8, 8))
+    with torch.no_grad():
+        for p in prior.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(3, 1, 8, 8)
+    values = []
+    for training in (True, False):
+        prior.train(training)
+        torch.manual_seed(3)
+        values.append(prior.bound_estimate(x).nll)
+        assert prior.net.training is training
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+
+
 def end_to_end(vae: VAE, scale: float = 0.5, timesteps: int = 10, **options) -> LDM:
     return LDM(LDMConfig(timesteps=timesteps, latent_scale=scale, end_to_end=True, **options), vae.data_shape, vae=vae)
 
@@ -192,6 +210,13 @@ def test_compile_reaches_the_networks_inside_the_vae_and_the_prior(e2e):
         compiled = model.losses(x, step=0).loss
         compiled.mean().backward()
         assert counters["frames"]["ok"] >= 3, dict(counters["frames"])
+        graphs = counters["stats"]["unique_graphs"]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(1, 4):  # new weights each step: no recompilation (the detached copies included)
+            opt.step()
+            opt.zero_grad()
+            model.losses(x, step=step).loss.mean().backward()
+        assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
     finally:
         torch._dynamo.reset()
         counters.clear()

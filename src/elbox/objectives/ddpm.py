@@ -158,7 +158,8 @@ class DDPM(ELBOModel):
 
     def bound_estimate(self, x: Tensor) -> Terms:
         """One unbiased single-t estimate of the bound on x, weight * L_t + L_T (nats, the terms of ``losses``),
-        differentiable in x but not in the network's weights: the network runs on detached copies of them.
+        differentiable in x but not in the network's weights: the network runs on detached copies of them, in
+        eval mode (no dropout), as ``bound`` runs it.
 
         This is the gradient end-to-end latent diffusion sends to a VAE's encoder through the cross-entropy
         E_q(z|x)[L_DDPM(z)] (LSGM, Vahdat et al. 2021, eq. 5): x_t = sqrt(abar) x + sqrt(1 - abar) eps is
@@ -169,8 +170,13 @@ class DDPM(ELBOModel):
         t, weight = d.sample_timesteps(x.shape[0], x.device)
         x_t = d.q_sample(x, t, draws.randn_like(x))
         detached = {name: p.detach() for name, p in self.net.named_parameters()}
-        output = torch.func.functional_call(self.net, detached, (x_t, t))
-        l_t, _ = d.vlb_terms(self.net, x, x_t, t, model_output=output)
+        was_training = self.net.training
+        self.net.eval()  # the bound's own network: no dropout, as when the bound is evaluated
+        try:
+            output = torch.func.functional_call(self.net, detached, (x_t, t))
+        finally:
+            self.net.train(was_training)
+        l_t, _ = d.vlb_terms(self.net, x, x_t, t, clip_denoised=self.clip_denoised, model_output=output)
         return Terms(terms={"steps": weight * l_t, "prior": d.prior_kl(x)}, dims=self.dims)
 
     # ---------------------------------------------------------------------------------------- evaluation

@@ -1,4 +1,4 @@
-"""Latent diffusion as an ELBO model: a DDPM prior over the latents of a trained, frozen VAE, with its own bound.
+"""Latent diffusion as an ELBO model: a DDPM prior over the latents of a trained VAE, with its own bound.
 
 Two stages, as Rombach et al. 2022: first a VAE, then a DDPM trained on z ~ q(z|x) (a fresh draw per example and
 step, not only the mean). Unlike Rombach et al. (and diffusers), the model keeps a true bound on -log p(x), in
@@ -18,6 +18,11 @@ The terms (nats per example): ``decoder_nll`` = -log p(x|z) at one z ~ q(z|x), `
 closed form: -1/2 sum(1 + log 2 pi + log sigma^2)), ``log_scale``, and the prior's terms under ``prior/``
 (``prior/decoder_nll`` = L_0, ``prior/kl`` = L_1 .. L_{T-1}, ``prior/prior`` = L_T). The model *holds* a VAE and a
 DDPM and calls their public methods only.
+
+End to end (``end_to_end``; LSGM sec. 3), the VAE trains too, on that same bound: the prior's cross-entropy term
+reaches the encoder through z (``DDPM.bound_estimate``), while the prior trains on its own loss at z detached. The
+scale s stays as measured at the start: the bound stays exact in s, though s no longer makes z's variance one
+once the encoder has moved.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from elbox.objectives.vae import VAE, VAEConfig
 class LDMConfig(DDPMConfig):
     """Latent diffusion: a DDPM prior (its settings as ``elbox train ddpm``'s) over a trained VAE's latents."""
 
-    vae: str = ""  # the run folder (or checkpoint) of the trained VAE whose latents the DDPM models; kept frozen
+    vae: str = ""  # the run folder (or checkpoint) of the trained VAE whose latents the DDPM models
     latent_scale: float = 0.0  # the latents are multiplied by this before diffusion; 0: 1 / their std, measured once
     vae_config: str = ""  # filled in by `elbox train`: the VAE's description (JSON), so that a checkpoint is complete
     end_to_end: bool = False  # also train the VAE, on the whole bound (LSGM); off: two stages, the VAE frozen
@@ -65,7 +70,8 @@ class LDMConfig(DDPMConfig):
 
 
 class LDM(ELBOModel):
-    """A DDPM prior over the latents z of a frozen VAE; samples are the VAE's decodings of the DDPM's draws."""
+    """A DDPM prior over the latents z of a VAE (frozen, or trained with it end to end); samples are the VAE's
+    decodings of the DDPM's draws."""
 
     kind = "ldm"
     sample_modes = ("prior", "reconstruct")
