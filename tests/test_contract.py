@@ -237,7 +237,7 @@ def test_term_words_names_a_term_and_where_it_sits():
 
 
 def test_the_importance_weighted_estimate_in_chunks_is_log_mean_exp_and_refuses_a_bad_k():
-    """log 1/k sum_i w_i over chunks equals torch's logsumexp - log k; k must be a whole number >= 1 (one line)."""
+    """log 1/k sum_i w_i over chunks equals torch's logsumexp - log k; k and the chunk must be whole numbers >= 1 (one line); the weights are asked for chunk at a time."""
     w = torch.randn(7, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     rows = iter(w)
     got = log_mean_exp_in_chunks(lambda n: torch.stack([next(rows) for _ in range(n)]), 7, 3)
@@ -245,3 +245,10 @@ def test_the_importance_weighted_estimate_in_chunks_is_log_mean_exp_and_refuses_
     for k in (0, -2, 2.5):
         with pytest.raises(UserError, match=f"must be an integer >= 1; got {k}"):
             log_mean_exp_in_chunks(lambda n: torch.zeros(n, 3), k, 3)
+    calls = []
+    for k, chunk in ((7, 3), (6, 3), (2, 5)):
+        log_mean_exp_in_chunks(lambda n: calls.append(n) or torch.zeros(n, 3), k, chunk)
+    assert calls == [3, 3, 1, 3, 3, 2]  # chunks of `chunk`, the last one what is left
+    for chunk in (0, -1, 1.5):
+        with pytest.raises(UserError, match=f"chunk must be an integer >= 1; got {chunk}"):
+            log_mean_exp_in_chunks(lambda n: torch.zeros(n, 3), 4, chunk)

@@ -60,12 +60,12 @@ def log_mean_exp_in_chunks(log_weights, k: int, chunk: int) -> Tensor:
     importance-weighted estimate of Burda et al. 2016, eq. 8, in bounded memory."""
     if int(k) != k or k < 1:
         raise UserError(f"the number of importance samples k must be an integer >= 1; got {k}")
-    total, done = None, 0
-    while done < k:
-        n = min(chunk, k - done)
-        part = torch.logsumexp(log_weights(n).double(), dim=0)
+    if int(chunk) != chunk or chunk < 1:
+        raise UserError(f"chunk must be an integer >= 1; got {chunk}")
+    total = None
+    for done in range(0, int(k), int(chunk)):  # a bounded loop: ceil(k / chunk) calls, whatever the arithmetic
+        part = torch.logsumexp(log_weights(min(chunk, k - done)).double(), dim=0)
         total = part if total is None else torch.logaddexp(total, part)
-        done += n
     return total - math.log(k)
 
 
