@@ -335,6 +335,7 @@ def test_the_ddpms_importance_weighted_estimate_is_the_log_mean_exp_of_its_traje
     got = model.iwae_bound(x, 6, generator=torch.Generator().manual_seed(7), chunk=4)
     g = torch.Generator().manual_seed(7)  # the same draws, in the same chunks (4, then 2)
     w = torch.cat([model.trajectory_log_weight(x.repeat(n, 1, 1, 1), generator=g).view(n, 3) for n in (4, 2)])
+    assert w.dtype == torch.float64  # a float32 model's weights summed over T steps in float64
     torch.testing.assert_close(got, torch.logsumexp(w.double(), 0) - math.log(6))
     assert got.shape == (3,) and bool((got > w.double().mean(0)).all())  # Jensen: above the mean log-weight
 
