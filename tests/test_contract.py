@@ -119,6 +119,23 @@ def test_prefixed_terms_merge_into_a_larger_model_with_their_columns_and_steps()
     assert both.columns == whole.columns and both.steps == whole.steps and both.batch_size == 4
 
 
+def test_a_prefixed_part_keeps_its_dims_loss_and_unit_and_merged_steps_keep_every_parts_order():
+    """prefixed renames, nothing else: dims, the training loss (not the sum of its terms) and its unit travel
+    with it. merge: steps from every part, in the parts' order; a merged loss defaults to the whole's bound in
+    nats, or is the one given, in the unit given."""
+    loss = torch.tensor([7.0, 8.0])
+    part = Terms(terms={"steps": torch.tensor([1.0, 2.0])}, dims=3, loss=loss, loss_unit="bits/dim", steps=("steps",))
+    prefixed = part.prefixed("prior")
+    assert prefixed.dims == 3 and torch.equal(prefixed.loss, loss) and prefixed.loss_unit == "bits/dim"
+    assert prefixed.steps == ("prior/steps",)
+    first = Terms(terms={"a": torch.tensor([0.5, 0.5]), "b": torch.tensor([0.25, 0.0])}, dims=3, steps=("b", "a"))
+    whole = Terms.merge([first, prefixed], dims=3)
+    assert whole.steps == ("b", "a", "prior/steps") and whole.loss_unit == "nats"
+    torch.testing.assert_close(whole.loss, torch.tensor([1.75, 2.5]))
+    given = Terms.merge([first, prefixed], dims=3, loss=loss, loss_unit="MSE")
+    assert torch.equal(given.loss, loss) and given.loss_unit == "MSE"
+
+
 def test_columns_must_match_the_term_and_steps_must_exist():
     with pytest.raises(ValueError, match="2 column"):
         Terms(terms={"kl": torch.zeros(3, 2)}, dims=1, columns={"kl": ("L_1",)})

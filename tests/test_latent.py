@@ -114,6 +114,25 @@ def test_the_terms_of_the_bound():
     assert labels == ["L_0", "L_1", "L_2", "L_3", "L_4", "L_T"] and terms.dims == 3
 
 
+def test_the_bound_draws_z_and_every_x_t_from_the_generator_it_is_given():
+    """The same generator seed gives the same terms whatever the global RNG did in between (z and the prior's x_t
+    both from it); another seed gives others. One example alone is a batch too."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(hidden=(8,), latent_dim=3, decoder="gaussian"), (5,))
+    model = LDM(LDMConfig(timesteps=4, net="mlp", latent_scale=0.7), (5,), vae=vae).eval()
+    x = torch.randn(3, 5)
+    runs = []
+    for seed, global_seed in ((1, 10), (1, 20), (2, 10)):
+        torch.manual_seed(global_seed)
+        runs.append(model.bound(x, generator=torch.Generator().manual_seed(seed)).terms)
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+    assert not torch.equal(runs[0]["decoder_nll"], runs[2]["decoder_nll"])  # z from the generator
+    assert not torch.equal(runs[0]["prior/kl"], runs[2]["prior/kl"])  # and x_t
+    one = model.bound(x[:1], generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(one.terms["log_scale"], torch.tensor([-3 * math.log(0.7)]))
+
+
 def test_training_draws_z_from_q_and_trains_only_the_prior():
     torch.manual_seed(0)
     vae = VAE(VAEConfig(hidden=(16,), latent_dim=4, decoder="gaussian"), (6,))
@@ -338,6 +357,40 @@ def test_the_ddpms_importance_weighted_estimate_is_the_log_mean_exp_of_its_traje
     assert w.dtype == torch.float64  # a float32 model's weights summed over T steps in float64
     torch.testing.assert_close(got, torch.logsumexp(w.double(), 0) - math.log(6))
     assert got.shape == (3,) and bool((got > w.double().mean(0)).all())  # Jensen: above the mean log-weight
+
+
+def test_trajectory_weight_by_hand():
+    """One trajectory written out (T = 3, 8-bit images at the ends of [-1, 1], a network far from its
+    initialisation): x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps_t from the generator (drawn in float32);
+    log w = sum_t [log p(x_{t-1}|x_t) - log q(x_t|x_{t-1})] + log N(x_T; 0, I), with the discretized L_0 at t = 1
+    and the predicted x_0 clipped (the clipping changes p here, so leaving it out would show)."""
+    from elbox.objectives.ddpm import DDPM, DDPMConfig
+
+    torch.manual_seed(0)
+    model = DDPM(DDPMConfig(timesteps=3, net="micro", data_kind="8bit"), (1, 4, 4)).double()
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    d, normal = model.diffusion, torch.distributions.Normal
+    x = torch.randint(0, 2, (2, 1, 4, 4)).double() * 2 - 1
+    g = torch.Generator().manual_seed(5)
+    log_w, x_prev, clipped = torch.zeros(2, dtype=torch.float64), x, []
+    for i in range(3):
+        t = torch.full((2,), i)
+        beta = d.betas[i]
+        x_t = torch.sqrt(1 - beta) * x_prev + torch.sqrt(beta) * torch.randn(x.shape, generator=g).double()
+        log_w -= normal(torch.sqrt(1 - beta) * x_prev, torch.sqrt(beta)).log_prob(x_t).sum((1, 2, 3))
+        out = d.p_mean_variance(model.net, x_t, t, clip_denoised=True)
+        clipped.append(not torch.allclose(out["mean"], d.p_mean_variance(model.net, x_t, t)["mean"]))
+        if i == 0:
+            log_w -= d.decoder_nll(x, out["mean"], out["log_variance"])
+        else:
+            log_w += normal(out["mean"], torch.exp(0.5 * out["log_variance"])).log_prob(x_prev).sum((1, 2, 3))
+        x_prev = x_t
+    log_w += normal(0.0, 1.0).log_prob(x_prev).sum((1, 2, 3))
+    assert any(clipped)
+    got = model.trajectory_log_weight(x, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, log_w, rtol=1e-10, atol=1e-8)
 
 
 def test_sample_decodes_the_priors_draw_divided_by_the_scale():
