@@ -9,12 +9,19 @@ non-equivalent mutants that were killed, as JSON lines and a table.
     python benchmarks/mutation.py --report     # only report the last run's results
     python benchmarks/mutation.py --survivors  # also print each surviving mutant's diff
     python benchmarks/mutation.py --only 'elbox.samplers.*'   # (re)run some mutants, by name pattern
+    python benchmarks/mutation.py --check-equivalents         # has any listed mutant changed since it was read?
+    python benchmarks/mutation.py --record-equivalents        # after reading them: pin the listed mutants' changes
 
 Equivalent mutants (changes no test can see because the behaviour is the same) are listed, with the reason, in
 ``benchmarks/mutation_equivalent.toml`` and left out of the denominator; so are, in their own column, mutants
 that only a GPU ("cpu-only": a tensor's device) or several processes (torchrun) can tell apart, which
 tests/test_devices.py and tests/test_train_ddp.py check there. A timeout counts as killed (the mutant
 made a test hang, which a test run notices); "no tests" (no test reaches the function) counts as survived.
+
+A listed name is a function and a *number*: when the function's code changes, its mutants are renumbered and a name
+may come to mean another change, for which the reason is wrong. So each entry's change (its - and + lines, made by
+mutmut from the source) is pinned in ``mutation_equivalent_diffs.json`` when the entries are read, and
+``--check-equivalents`` (also run by ``--report``) names every entry whose change is no longer the one read.
 
 Only the in-process tests take part (pyproject.toml ignores the end-to-end files that start ``python -m elbox``
 and torchrun subprocesses: most of the suite's time, spent again for every surviving mutant). Should a test start
@@ -36,6 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 EQUIVALENT = REPO / "benchmarks" / "mutation_equivalent.toml"
+PINNED = REPO / "benchmarks" / "mutation_equivalent_diffs.json"
 KILLED = {1, 3, 36, 24, -24, 152, 255}  # mutmut's exit codes for killed and timed out
 SURVIVED = {0, 5, 33}  # survived, no tests
 
@@ -85,6 +93,57 @@ def mutant_diff(name: str) -> str:
                           text=True).stdout
 
 
+def mutant_changes(names: list[str]) -> dict[str, str | None]:
+    """Each named mutant's change, its - and + lines, made by mutmut from the source as it is now (under the
+    settings in pyproject.toml); None for a name that names no mutant of it."""
+    import difflib
+
+    import libcst as cst
+    from mutmut.mutation.diff_apply import read_mutant_function, read_original_function
+    from mutmut.mutation.file_mutation import mutate_file_contents
+
+    cwd = os.getcwd()
+    os.chdir(REPO)  # mutmut reads its settings (the patterns not to mutate) from ./pyproject.toml
+    try:
+        files, out = {}, {}
+        for name in names:
+            module = name.split(".x", 1)[0]  # elbox.objectives.ddpm.xǁDDPMǁbound__mutmut_3 -> elbox.objectives.ddpm
+            path = Path("src", *module.split(".")).with_suffix(".py")
+            if path not in files:  # (names, the mutated module parsed once)
+                mutated = mutate_file_contents(str(path), path.read_text()) if path.is_file() else None
+                files[path] = (set(mutated.mutant_names), cst.parse_module(mutated.code)) if mutated else (set(), None)
+            local = name[len(module) + 1 :]
+            names_here, tree = files[path]
+            if local not in names_here:
+                out[name] = None
+                continue
+            before, after = (cst.Module([f(tree, local)]).code.strip().splitlines()
+                             for f in (read_original_function, read_mutant_function))
+            out[name] = "\n".join(line for line in difflib.unified_diff(before, after, lineterm="")
+                                  if line[:1] in "+-" and not line.startswith(("---", "+++")))
+        return out
+    finally:
+        os.chdir(cwd)
+
+
+def unpinned_equivalents(pinned: dict[str, str], current: dict[str, str | None]) -> dict[str, str]:
+    """{entry: what is wrong} for the entries whose mutant is not the change that was read when it was listed."""
+    problems = {}
+    for name, change in sorted(current.items()):
+        if change is None:
+            problems[name] = "names no mutant of the current source"
+        elif name not in pinned:
+            problems[name] = f"never pinned; read its change, then --record-equivalents:\n{change}"
+        elif pinned[name] != change:
+            problems[name] = f"its mutant changed since it was read; was:\n{pinned[name]}\nnow:\n{change}"
+    return problems
+
+
+def check_equivalents(equivalent: dict[str, str]) -> dict[str, str]:
+    pinned = json.loads(PINNED.read_text()) if PINNED.is_file() else {}
+    return unpinned_equivalents(pinned, mutant_changes(sorted(equivalent)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--report", action="store_true", help="do not run mutmut; report the cached results")
@@ -92,13 +151,31 @@ def main() -> None:
     ap.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     ap.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
                     help="run only the mutants whose names match (fnmatch), e.g. 'elbox.samplers.*'")
+    ap.add_argument("--check-equivalents", action="store_true",
+                    help=f"only check that each entry of {EQUIVALENT.name} still names the change that was read")
+    ap.add_argument("--record-equivalents", action="store_true",
+                    help=f"pin each entry's change in {PINNED.name} (after reading them against their reasons)")
     args = ap.parse_args()
+    equivalent = tomllib.loads(EQUIVALENT.read_text()).get("equivalent", {}) if EQUIVALENT.is_file() else {}
+    if args.record_equivalents:
+        changes = mutant_changes(sorted(equivalent))
+        missing = [n for n, c in changes.items() if c is None]
+        if missing:
+            sys.exit(f"{len(missing)} entries of {EQUIVALENT.name} name no mutant; remove them first: {missing[:5]}")
+        PINNED.write_text(json.dumps(changes, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
+        print(f"pinned the changes of {len(changes)} entries in {PINNED.name}")
+        return
+    if args.check_equivalents:
+        problems = check_equivalents(equivalent)
+        for name, problem in problems.items():
+            print(f"# {name}: {problem}\n")
+        print(f"{len(problems)} of {len(equivalent)} entries of {EQUIVALENT.name} need reading again")
+        sys.exit(1 if problems else 0)
     if not args.report:
         run_mutmut(args.children, args.only)
     results = load_results()
     if not results:
         sys.exit("no mutation results in mutants/; run without --report first")
-    equivalent = tomllib.loads(EQUIVALENT.read_text()).get("equivalent", {}) if EQUIVALENT.is_file() else {}
     rows = []
     survivors = defaultdict(list)
     for path, codes in results.items():
@@ -139,6 +216,10 @@ def main() -> None:
     stale = sorted(set(equivalent) - {n for codes in results.values() for n in codes})
     if stale:
         print(f"\n{len(stale)} entries of {EQUIVALENT.name} name no current mutant (the code moved): {stale[:5]}")
+    moved = check_equivalents(equivalent)
+    if moved:
+        print(f"\n{len(moved)} entries of {EQUIVALENT.name} name a change other than the one read (the code moved): "
+              f"{sorted(moved)[:5]}; see --check-equivalents")
     wrong = killed_but_listed(results, equivalent)
     if wrong:
         print(f"\n{len(wrong)} entries of {EQUIVALENT.name} name a mutant the tests kill (the numbers moved, or the "

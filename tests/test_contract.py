@@ -110,6 +110,7 @@ def test_prefixed_terms_merge_into_a_larger_model_with_their_columns_and_steps()
     outer = Terms(terms={"decoder_nll": torch.tensor([10.0, 20.0])}, dims=4)
     whole = Terms.merge([outer, prior], dims=4)
     torch.testing.assert_close(whole.nll, outer.nll + prior.nll)  # the negative ELBO of the whole is the sum
+    assert list(whole.extras) == ["prior/mse"] and torch.equal(whole.extras["prior/mse"], prior.extras["prior/mse"])
     labels, values = whole.per_step()
     assert labels == ["L_0", "L_1", "L_2", "L_T"]
     torch.testing.assert_close(values, torch.tensor([[1.0, 0.5, 0.25, 0.125], [2.0, 1.0, 2.0, 0.0]]))

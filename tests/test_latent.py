@@ -131,6 +131,27 @@ def test_the_bound_draws_z_and_every_x_t_from_the_generator_it_is_given():
     assert not torch.equal(runs[0]["prior/kl"], runs[2]["prior/kl"])  # and x_t
     one = model.bound(x[:1], generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(one.terms["log_scale"], torch.tensor([-3 * math.log(0.7)]))
+    mu, logvar = vae.encode(x)  # z = mu + sigma eps, eps the generator's first draw (in float32)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(runs[0]["decoder_nll"], -vae.log_px_given_z(x, z))
+
+
+@pytest.mark.parametrize("end_to_end", [False, True])
+def test_a_micro_batch_draws_its_rows_of_the_global_batch(end_to_end):
+    """Inside the trainer's global batch (gradient accumulation, DDP), z ~ q(z|x) and the prior's t and noise are
+    drawn for the whole batch and a micro-batch keeps its rows: its terms are its rows of the whole batch's."""
+    from elbox import draws
+
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(hidden=(8,), latent_dim=3, decoder="gaussian"), (5,))
+    model = LDM(LDMConfig(timesteps=50, net="mlp", latent_scale=0.7, end_to_end=end_to_end), (5,), vae=vae)
+    x = torch.randn(8, 5)
+    with draws.global_batch(3, torch.arange(8), 8):
+        whole = model.losses(x, step=0)
+    with draws.global_batch(3, torch.arange(4, 8), 8):
+        part = model.losses(x[4:], step=0)
+    for name in whole.terms:
+        torch.testing.assert_close(part.terms[name], whole.terms[name][4:], msg=name)
 
 
 def test_training_draws_z_from_q_and_trains_only_the_prior():

@@ -53,3 +53,32 @@ def test_an_equivalent_entry_whose_mutant_is_killed_is_reported():
     listed = {"a.f__mutmut_1": "wrong: the tests kill it", "a.f__mutmut_2": "equivalent", "a.f__mutmut_3": "not run"}
     assert script.killed_but_listed(results, listed) == ["a.f__mutmut_1"]
     assert script.killed_but_listed(results, {"a.f__mutmut_2": "equivalent"}) == []
+
+
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is not here (mutmut runs the tests from its copy)")
+def test_an_entry_whose_mutant_is_no_longer_the_change_that_was_read_is_named():
+    script = load_script()
+    pinned = {"a.f__mutmut_1": "-    return x + 1\n+    return x - 1", "a.f__mutmut_2": "-    y = 2\n+    y = 3"}
+    current = {"a.f__mutmut_1": pinned["a.f__mutmut_1"], "a.f__mutmut_2": "-    return x + 1\n+    return x + 2",
+               "a.f__mutmut_3": "-    z\n+    None", "a.g__mutmut_9": None}
+    problems = script.unpinned_equivalents(pinned, current)
+    assert sorted(problems) == ["a.f__mutmut_2", "a.f__mutmut_3", "a.g__mutmut_9"]
+    assert "changed since it was read" in problems["a.f__mutmut_2"] and "y = 3" in problems["a.f__mutmut_2"]
+    assert "never pinned" in problems["a.f__mutmut_3"] and "names no mutant" in problems["a.g__mutmut_9"]
+
+
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is not here (mutmut runs the tests from its copy)")
+def test_a_mutants_change_is_made_from_the_source_as_it_is(tmp_path, monkeypatch):
+    """mutmut's own numbering, from the file on disk and the settings in pyproject.toml: the first mutant of f is
+    its first change, and renumbers when a line is added above it."""
+    pytest.importorskip("mutmut")
+    script = load_script()
+    monkeypatch.setattr(script, "REPO", tmp_path)
+    (tmp_path / "pyproject.toml").write_text('[tool.mutmut]\nsource_paths = ["src/pkg"]\n')
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    source = tmp_path / "src" / "pkg" / "mod.py"
+    source.write_text("def f(x):\n    return x + 1\n")
+    first = script.mutant_changes(["pkg.mod.x_f__mutmut_1", "pkg.mod.x_f__mutmut_99"])
+    assert first == {"pkg.mod.x_f__mutmut_1": "-    return x + 1\n+    return x - 1", "pkg.mod.x_f__mutmut_99": None}
+    source.write_text("def f(x):\n    y = x * 2\n    return x + 1\n")
+    assert script.mutant_changes(["pkg.mod.x_f__mutmut_1"])["pkg.mod.x_f__mutmut_1"] != first["pkg.mod.x_f__mutmut_1"]
