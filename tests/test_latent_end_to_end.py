@@ -128,6 +128,26 @@ def test_end_to_end_the_vae_trains_on_the_bound_and_the_prior_on_its_own_loss():
     assert not any(p.requires_grad for p in frozen.vae.parameters())
 
 
+def test_evaluating_an_end_to_end_model_builds_no_autograd_graph():
+    """bound() and iwae_bound() of an end-to-end model (the VAE's weights trainable) record nothing for autograd:
+    not in the encoder, the decoder or any term."""
+    torch.manual_seed(0)
+    model = end_to_end(VAE(VAEConfig(hidden=(8,), latent_dim=3, decoder="gaussian"), (5,)), timesteps=4)
+    outputs = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: outputs.append(out)) for m in (model.vae.encoder,
+                                                                                          model.vae.decoder)]
+    x = torch.randn(3, 5)
+    terms = model.bound(x, generator=torch.Generator().manual_seed(0))
+    estimate = model.iwae_bound(x, 2, generator=torch.Generator().manual_seed(0))
+    for h in hooks:
+        h.remove()
+    flat = [t for out in outputs for t in (out if isinstance(out, tuple) else (out,))]
+    assert len(flat) >= 4 and not any(t.requires_grad for t in flat)
+    assert not any(v.requires_grad for v in terms.terms.values()) and not estimate.requires_grad
+    with torch.enable_grad():  # while training: the graph is there
+        assert model.losses(x, step=0).terms["decoder_nll"].requires_grad
+
+
 def test_training_an_inexact_encoder_end_to_end_tightens_the_bound_to_the_true_nll():
     """An exact decoder and an exact DDPM prior for N(0, I) latents; the encoder's mean shifted by 0.5 and its
     variance inflated 2x, so the bound is loose. Adam on the encoder alone, through the end-to-end loss (so the
