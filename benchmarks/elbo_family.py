@@ -18,7 +18,9 @@ budget does), the diffusion models with an EMA of the weights (decay ``--ema``).
 trains only its prior, for the same budget, on z ~ q(z|x) of the frozen VAE; its latent scale s = 1/std(z) is
 measured on 2,000 training images first. With ``--e2e-minutes``, that model is then fine-tuned end to end (a row
 ``ldm-e2e``): the VAE too, on the whole bound, its encoder pulled by the prior's cross-entropy term (LSGM,
-``LDMConfig.end_to_end``), the prior on its own loss.
+``LDMConfig.end_to_end``), the prior on its own loss. Its control, ``--vae-more-minutes``: the VAE alone trained on
+for as long, at the same learning rate and batch (a row ``vae-more``), so that a gain of the end-to-end model is
+not just more training of its VAE.
 
 Scores, on the first ``--eval-n`` test images, mean and standard error over images:
 - ``-ELBO``: each model's full negative ELBO (``bound``: every timestep of a DDPM computed, one draw of x_t each;
@@ -40,6 +42,7 @@ Prints one JSON line per model to stdout and the table (markdown) to stderr and 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -75,6 +78,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--e2e-minutes", type=float, default=0.0,
                    help="then fine-tune the LDM end to end (VAE and prior, LSGM) for this long: a row 'ldm-e2e' (0: skip)")
     p.add_argument("--e2e-lr", type=float, default=3e-4, help="the end-to-end fine-tuning's peak learning rate")
+    p.add_argument("--vae-more-minutes", type=float, default=0.0,
+                   help="the control for --e2e-minutes: the VAE alone trained on for this long, at --e2e-lr with the "
+                        "fine-tuning's batch, a row 'vae-more' (0: skip)")
     p.add_argument("--latent-dim", type=int, default=32)
     p.add_argument("--vae-ar-kernel", type=int, default=0,
                    help="an autoregressive decoder context of this odd kernel (PixelVAE-style; 0: factorized)")
@@ -107,6 +113,7 @@ def binarize(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def train_for(model, params, minutes: float, batch_size: int, lr: float, train_u8: torch.Tensor, variant: str,
               seed: int, ema_decay: float = 0.0) -> dict:
     """Adam with a cosine learning rate over the wall-clock budget; an EMA of the weights if ``ema_decay`` > 0."""
+    params = list(model.parameters()) if params is None else params
     opt = torch.optim.Adam(params, lr=lr)
     ema = EMA(model, ema_decay) if ema_decay > 0 else None
     gen = torch.Generator().manual_seed(seed)
@@ -222,6 +229,11 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
                                                               args.minutes, 100, 1e-3, train_u8, variant, args.seed))
         vae = fit.pop("model")
         rows.append({**score(vae, "vae", test_u8, args, args.k_vae, variant, args.eval_n), **fit})
+        if args.vae_more_minutes:
+            more = train_for(copy.deepcopy(vae), None, args.vae_more_minutes, 128, args.e2e_lr, train_u8, variant,
+                             args.seed)
+            model = more.pop("model")
+            rows.append({**score(model, "vae-more", test_u8, args, args.k_vae, variant, args.eval_n), **more})
     if "ldm" in args.models:
         row, ldm = train_ldm(vae, variant, train_u8, test_u8, args)
         rows.append(row)
@@ -253,8 +265,6 @@ def train_ldm(vae: VAE, variant: str, train_u8: torch.Tensor, test_u8: torch.Ten
 def fine_tune_end_to_end(ldm: LDM, variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> dict:
     """The two-stage LDM (its EMA weights), then every weight, the VAE's too, trained on the whole bound
     (``LDMConfig.end_to_end``, LSGM) for ``--e2e-minutes``; the latent scale s stays as measured."""
-    import copy
-
     def fit_model():
         config = dataclasses.replace(ldm.config, end_to_end=True)
         model = LDM(config, ldm.data_shape, vae=copy.deepcopy(ldm.vae))
