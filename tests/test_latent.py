@@ -194,6 +194,7 @@ def test_the_vae_is_described_in_the_config_so_a_checkpoint_is_complete():
     config = LDMConfig(vae_config=json.dumps({"config": {"latent_dim": 3, "hidden": [8]}, "data_shape": [5]}))
     model = LDM(config, (5,))
     assert model.vae.latent_shape == (3,) and model.prior.data_shape == (3,)
+    assert model.latent_scale.item() == 1.0 and model.latent_scale.dtype == torch.float64  # s = 1 until measured
     with pytest.raises(Exception, match="needs a trained VAE"):
         LDM(LDMConfig(), (5,))
     with pytest.raises(Exception, match="shape"):
