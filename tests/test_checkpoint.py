@@ -79,6 +79,11 @@ def test_resolve_a_run_or_a_checkpoint_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no checkpoint \\(expected .*step-NNNNNNN/manifest.json\\)"):
         ckpt.resolve_checkpoint(tmp_path / "empty")
+    # resolving only finds the folder (no file is hashed: the load that follows verifies, once)
+    _damage(path, "file-changed")
+    assert ckpt.resolve_checkpoint(run) == path
+    with pytest.raises(UserError, match="model.safetensors does not match its checksum"):
+        ckpt.load_checkpoint(run)
 
 
 def _damage(path: Path, how: str) -> None:

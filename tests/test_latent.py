@@ -15,6 +15,7 @@ from test_vae_autoregressive import with_random_context
 from torch import nn
 from torch.distributions import MultivariateNormal
 
+from elbox.errors import UserError
 from elbox.objectives.latent import LDM, LDMConfig
 from elbox.objectives.vae import VAE, VAEConfig
 
@@ -197,6 +198,9 @@ def test_the_vae_is_described_in_the_config_so_a_checkpoint_is_complete():
     assert model.latent_scale.item() == 1.0 and model.latent_scale.dtype == torch.float64  # s = 1 until measured
     with pytest.raises(Exception, match="needs a trained VAE"):
         LDM(LDMConfig(), (5,))
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(UserError, match=f"latent_scale={bad} is not allowed; use a number > 0, or 0 to measure"):
+            LDMConfig(latent_scale=bad)
     with pytest.raises(Exception, match="shape"):
         LDM(config, (6,))
 
