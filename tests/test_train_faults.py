@@ -88,7 +88,6 @@ def test_sigkill_at_random_moments_never_leaves_a_bad_checkpoint(tmp_path):
         proc = launch("--out", run, "--steps", "100000", *flags) if i == 0 else launch("--resume", run)
         if i % 2:  # somewhere in the middle of start-up (reading the checkpoint, rewriting the metrics...)
             time.sleep(rng.uniform(0.2 * startup, 0.8 * startup))
-            in_startup += last_reported_step(run) <= resume_step
         else:  # once it trains again, somewhere in its first 0.2 s
             wait_for_step(run, resume_step + 1, proc, old_inode=inode)
             # the median start-up: one slow start (a fresh venv's first imports) must not push every later
@@ -100,6 +99,10 @@ def test_sigkill_at_random_moments_never_leaves_a_bad_checkpoint(tmp_path):
         proc.communicate()
         assert proc.returncode == -signal.SIGKILL  # it was still running: killed, not finished
         kills += 1
+        # In start-up = died before its first step: it had not yet rewritten the metrics file (whose last lines are
+        # then the previous process's, often past resume_step) or had reported no step past resume_step in it.
+        # Read after the kill, when nothing moves any more.
+        in_startup += bool(i % 2) and (metrics_inode(run) in (None, inode) or last_reported_step(run) <= resume_step)
 
         leftovers = [p.name for p in (run / "checkpoints").glob(".*")] if (run / "checkpoints").is_dir() else []
         mid_save += any(name not in seen for name in leftovers)  # names hold the pid: this process's unfinished work
