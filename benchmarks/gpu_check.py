@@ -8,8 +8,8 @@ stage is recorded and the next one runs:
 1. ``correct`` — the same weights and inputs on the GPU (fp32, TF32 off; then TF32) and on the CPU in float64:
    relative error of the DDPM's full bound per example; and seeded ancestral samples on the GPU vs the CPU, both
    fp32 (``draws.randn_from`` promises the same noise on any device).
-2. ``main_job`` — README's main command (`elbox train --steps 3000 --lr 1e-3 --precision auto`, digits 8x8) on the GPU: wall time,
-   held-out bits/dim; samples.png is copied to DIR.
+2. ``main_job`` — README's main command (the quick start's `elbox train ...`, read from README.md; digits 8x8) on the
+   GPU: wall time, held-out bits/dim; samples.png is copied to DIR.
    ``peers`` — ``benchmarks/speed.py --preset full --compile``: the 35.7M U-Net's training step (batch 128) and
    ancestral sampling (batch 256, 50 steps timed) for elbox, diffusers and denoising-diffusion-pytorch (those
    installed), fp32 and bf16, eager and compiled; elbox's 10k-sample and 10k-image bound times. DIR/speed.jsonl.
@@ -120,10 +120,20 @@ def stage_correct(args) -> dict:
     return out
 
 
+def quickstart_train_args() -> list[str]:
+    """The arguments of README's quick-start `elbox train` (after `train`), its `--out` left out."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    first = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    words = shlex.split(first.split("elbox train", 1)[1].split("&&")[0])
+    i = words.index("--out")
+    return words[:i] + words[i + 2 :]
+
+
 def stage_main_job(args) -> dict:
     run = Path(args.work) / "digits"
-    proc, wall = elbox_cmd("train", "--out", run, "--steps", 3000, "--lr", "1e-3", "--precision", "auto",
-                           "--device", args.device, "--quiet",
+    proc, wall = elbox_cmd("train", "--out", run, *quickstart_train_args(), "--device", args.device, "--quiet",
                            timeout=300)
     m = re.search(r"([0-9.]+) bits/dim", proc.stdout + proc.stderr)
     shutil.copy(run / "samples.png", Path(args.out) / "main_job_samples.png")
