@@ -130,6 +130,8 @@ def test_evaluate_never_overwrites_and_sample_writes_into_a_folder(tiny_run, tmp
     (["evaluate", "RUN", "--batch-size", "-3"], "--batch-size -3"),
     (["evaluate", "RUN", "--k", "0", "--metric", "nll"], "--k 0"),
     (["sample", "RUN", "--sampling-steps", "0", "--sampler", "ddim"], "--sampling-steps 0"),
+    (["sample", "RUN", "--precision", "fp16", "--device", "cpu"], "fp16' needs a GPU"),
+    (["sample", "RUN", "--precision", "bf17"], "bf17"),
 ])
 def test_sample_and_evaluate_settings_are_checked(tiny_run, capsys, argv, words):
     assert main([str(tiny_run) if a == "RUN" else a for a in argv]) == 2

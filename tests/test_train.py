@@ -293,11 +293,12 @@ def test_bf16_autocast_trains_on_the_cpu_and_fp16_is_refused(tmp_path, capsys):
 def test_precision_auto_is_bf16_where_the_cpu_has_it_natively_and_is_saved_resolved(tmp_path, monkeypatch):
     import tomllib
 
+    from elbox import devices
     from elbox.training import session
 
     flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").is_file() else ""
     native = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert ("avx512_bf16" in session.cpu_flags()) == ("avx512_bf16" in flags.split())
+    assert ("avx512_bf16" in devices.cpu_flags()) == ("avx512_bf16" in flags.split())
     run = tmp_path / "auto"
     run_train("--out", run, *TINY, "--steps", "2", "--final-eval-examples", "0", "--precision", "auto")
     saved = tomllib.loads((run / "config.toml").read_text())["train"]["precision"]
@@ -306,10 +307,41 @@ def test_precision_auto_is_bf16_where_the_cpu_has_it_natively_and_is_saved_resol
     cfg = RunConfig(train=TrainConfig(precision="auto"))
     for cpu, expected in (({"avx2", "avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"),
                           ({"avx2", "avx512f", "avx512bw"}, "fp32"), (set(), "fp32")):
-        monkeypatch.setattr(session, "cpu_flags", lambda cpu=cpu: cpu)
+        monkeypatch.setattr(devices, "cpu_flags", lambda cpu=cpu: cpu)
         assert session.resolve_precision(cfg, torch.device("cpu")).train.precision == expected, cpu
     fixed = RunConfig(train=TrainConfig(precision="fp32"))
     assert session.resolve_precision(fixed, torch.device("cpu")).train.precision == "fp32"  # only auto is resolved
+
+
+def test_samples_are_drawn_in_the_precision_asked_for(tmp_path, monkeypatch):
+    """`elbox sample --precision` and the training's sample grid (in the precision training ran in) run the network
+    under that autocast: its outputs are bf16 there, fp32 otherwise; the samples come back as fp32 images, close to
+    the fp32 ones (the same noise, the network's arithmetic rounded)."""
+    from elbox import devices
+    from elbox.api import draw
+    from elbox.config import SampleConfig
+
+    run_train("--out", tmp_path / "r", *TINY, "--steps", "2", "--final-eval-examples", "0")
+    model = elbox.load(tmp_path / "r")
+    seen = []
+    model.net.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+
+    def drawn(precision):
+        seen.clear()
+        x = draw(model, SampleConfig(num=4, precision=precision, device="cpu"))
+        assert x.dtype == torch.float32 and set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        return x
+
+    fp32, bf16 = drawn("fp32"), drawn("bf16")
+    assert 0 < (fp32 - bf16).abs().max() < 0.5, (fp32 - bf16).abs().max()
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx512_bf16"})
+    assert torch.equal(drawn("bf16"), draw(model, SampleConfig(num=4, precision="auto", device="cpu")))
+    monkeypatch.setattr(devices, "cpu_flags", lambda: set())
+    assert torch.equal(fp32, draw(model, SampleConfig(num=4, precision="auto", device="cpu")))
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        seen.clear()
+        write_samples(model, tmp_path / f"{precision}.png", TrainConfig(num_samples=4, precision=precision))
+        assert set(seen) == {dtype}, precision
 
 
 def test_compile_traces_the_networks_and_trains(tmp_path):

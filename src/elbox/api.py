@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from elbox import checkpoint as ckpt
+from elbox import devices
 from elbox.config import DataConfig, EvaluateConfig, SampleConfig, build_dataclass, model_from_description
 from elbox.data import from_model, to_model
 from elbox.devices import resolve_device
@@ -87,11 +88,12 @@ def draw(model: ELBOModel, cfg: SampleConfig) -> torch.Tensor:
         raise UserError(f"--mode {cfg.mode} is not something a {model.kind} draws; choose one of "
                         f"{', '.join(model.sample_modes)}")
     options = sampler_options(model, cfg)
-    if cfg.mode != "prior":
-        return _data_mode(model, cfg, generator)
-    out = []
-    for start in range(0, cfg.num, cfg.batch_size):
-        out.append(model.sample(min(cfg.batch_size, cfg.num - start), generator=generator, **options).cpu())
+    with devices.autocast(cfg.precision, next(model.parameters()).device):
+        if cfg.mode != "prior":
+            return _data_mode(model, cfg, generator).float()
+        out = []
+        for start in range(0, cfg.num, cfg.batch_size):
+            out.append(model.sample(min(cfg.batch_size, cfg.num - start), generator=generator, **options).float().cpu())
     return torch.cat(out)
 
 

@@ -235,6 +235,7 @@ class SampleConfig:
     ema: bool = True  # use the EMA weights (as the papers do)
     batch_size: int = 256  # samples drawn at once
     device: str = "auto"  # cpu, cuda, cuda:N or auto
+    precision: Precision = "fp32"  # the networks' arithmetic: fp32, bf16 or fp16 autocast, auto (bf16 where the hardware has it natively)
 
     def __post_init__(self) -> None:
         _at_least(self, num=1, batch_size=1)

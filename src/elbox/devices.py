@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from elbox.errors import UserError
@@ -17,3 +19,33 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise UserError(f"device={name!r} is not known; use cpu, cuda, cuda:N or auto")
+
+
+def cpu_flags() -> set[str]:  # pragma: no mutate block
+    """The CPU's feature flags as Linux lists them (an empty set elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``precision`` with ``auto`` made explicit: bf16 where the device computes it natively (a GPU with bf16, a
+    CPU with AVX512-BF16 or AMX: there bf16 autocast trains ~1.3-1.4x faster on this project's CPU at the same
+    held-out bound), fp32 elsewhere (emulated bf16 is slower than fp32); fp16 needs a GPU."""
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("precision='fp16' needs a GPU; on the CPU use bf16 or fp32")
+    if precision != "auto":
+        return precision
+    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+              else device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}))
+    return "bf16" if native else "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    """torch.amp autocast for ``precision`` (fp32: none; bf16; fp16; auto: ``resolve_precision``) on ``device``."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

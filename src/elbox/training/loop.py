@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from elbox import checkpoint as ckpt
-from elbox import draws
+from elbox import devices, draws
 from elbox.api import record_evaluation
 from elbox.checkpoint import write_text_atomic
 from elbox.config import RunConfig, TrainConfig
@@ -326,7 +326,7 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
         last = micro == t.grad_accum - 1
         sync = loss_module.no_sync() if info.enabled and not last else contextlib.nullcontext()
         with sync:
-            with draws.global_batch(step_seed, rows, t.batch_size), _autocast(t.precision, info.device):
+            with draws.global_batch(step_seed, rows, t.batch_size), devices.autocast(t.precision, info.device):
                 x = _to_model(x_uint8, model.data_range, t.channels_last)
                 loss, terms = loss_module(x, step)
             scaler.scale(loss / t.grad_accum).backward()
@@ -375,13 +375,6 @@ def _to_model(x: torch.Tensor, data_range: str, channels_last: bool) -> torch.Te
     else:
         x = to_model(x, data_range)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _nonfinite_where(terms_seen: list[Terms]) -> str:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from elbox import devices
 from elbox.checkpoint import write_text_atomic
 from elbox.config import DataConfig, RunConfig, TrainConfig
 from elbox.data import from_model, to_model
@@ -158,7 +159,8 @@ def write_samples(model: ELBOModel, path: Path, t: TrainConfig) -> Path:
     with torch.random.fork_rng(devices=cuda_devices(model)):
         generator = torch.Generator().manual_seed(t.seed)
         n = t.num_samples if model.draws_images else max(t.num_samples, 2000)
-        x = model.sample(n, generator=generator)
+        with devices.autocast(t.precision, next(model.parameters()).device):  # the precision training ran in
+            x = model.sample(n, generator=generator).float()
     model.train(was_training)
     if model.draws_images:
         return save_png(image_grid(from_model(torch.nan_to_num(x), model.data_range)), path)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from elbox import __version__
+from elbox import __version__, devices
 from elbox import checkpoint as ckpt
 from elbox.config import MODELS, RunConfig, TrainConfig
 from elbox.data import InMemoryLoader, to_model
@@ -51,23 +51,11 @@ def resolve(cfg: RunConfig, data_kind: str) -> RunConfig:  # pragma: no mutate b
 
 
 def resolve_precision(cfg: RunConfig, device: torch.device) -> RunConfig:  # pragma: no mutate block
-    """``cfg`` with ``precision="auto"`` made explicit: bf16 where the device computes it natively (a GPU with
-    bf16, a CPU with AVX512-BF16 or AMX: there bf16 autocast trains ~1.3-1.4x faster on this project's CPU at the
-    same held-out bound), fp32 elsewhere (emulated bf16 is slower than fp32)."""
+    """``cfg`` with ``precision="auto"`` made explicit (``devices.resolve_precision``)."""
     if cfg.train.precision != "auto":
         return cfg
-    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-              else device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}))
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="bf16" if native else "fp32"))
-
-
-def cpu_flags() -> set[str]:  # pragma: no mutate block
-    """The CPU's feature flags as Linux lists them (an empty set elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
+    precision = devices.resolve_precision("auto", device)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
 
 
 def build_model(cfg: RunConfig, data_shape: tuple[int, ...]) -> ELBOModel:  # pragma: no mutate block
