@@ -45,6 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 EQUIVALENT = REPO / "benchmarks" / "mutation_equivalent.toml"
 PINNED = REPO / "benchmarks" / "mutation_equivalent_diffs.json"
 KILLED = {1, 3, 36, 24, -24, 152, 255}  # mutmut's exit codes for killed and timed out
+# timed out: mutmut sends SIGXCPU at a CPU-time limit, and also at half that limit in *wall* time, so a busy (or
+# paused) machine makes false timeouts; the report counts them, and they are worth re-running on a quiet machine
+TIMED_OUT = {24, -24, 152}
 SURVIVED = {0, 5, 33}  # survived, no tests
 
 
@@ -186,6 +189,7 @@ def main() -> None:
                 count["elsewhere" if elsewhere else "equivalent"] += 1
             elif code in KILLED:
                 count["killed"] += 1
+                count["timed out"] += code in TIMED_OUT
             elif code in SURVIVED:
                 count["survived"] += 1
                 survivors[path].append(name)
@@ -213,6 +217,10 @@ def main() -> None:
           f"{total['elsewhere']:7} {total['not checked']:6} {100 * total['killed'] / max(counted, 1):6.1f}%")
     print("\nscore = killed / (killed + survived); equivalent mutants and those only a GPU or torchrun can tell apart "
           f"(listed with reasons in {EQUIVALENT.name}) are left out; unrun: not yet tested")
+    timed_out = sorted(n for codes in results.values() for n, c in codes.items() if c in TIMED_OUT and n not in equivalent)
+    if timed_out:
+        print(f"\n{len(timed_out)} of the killed timed out (a busy or paused machine makes false timeouts; on a quiet "
+              f"one, re-run them: --only NAME ...): {timed_out[:5]}")
     stale = sorted(set(equivalent) - {n for codes in results.values() for n in codes})
     if stale:
         print(f"\n{len(stale)} entries of {EQUIVALENT.name} name no current mutant (the code moved): {stale[:5]}")

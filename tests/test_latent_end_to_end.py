@@ -242,3 +242,29 @@ def test_compile_reaches_the_networks_inside_the_vae_and_the_prior(e2e):
         counters.clear()
     assert all(m._compiled_call_impl is not None for m in (model.vae.encoder, model.vae.decoder, model.prior.net))
     torch.testing.assert_close(compiled, eager)
+
+
+def test_the_bound_estimate_is_one_steps_term_clipped_as_the_bound_clips_it():
+    """On 8-bit images, where the bound clips the predicted x_0 to [-1, 1] (``clip_denoised``): the estimate, replayed
+    from its seed, is exactly weight * L_t (clipped) + L_T at its draw of t and x_t, and it counts the image's
+    dimensions (its bits/dim are per pixel). A network far from its initialisation, so that clipping changes L_t."""
+    from elbox import draws
+
+    torch.manual_seed(0)
+    ddpm = DDPM(DDPMConfig(timesteps=20, net="micro", data_kind="8bit"), (1, 8, 8)).double()
+    with torch.no_grad():
+        for p in ddpm.net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randint(0, 256, (6, 1, 8, 8)).double() / 127.5 - 1
+    torch.manual_seed(5)
+    estimate = ddpm.bound_estimate(x)
+    torch.manual_seed(5)
+    d = ddpm.diffusion
+    t, weight = d.sample_timesteps(6, x.device)
+    x_t = d.q_sample(x, t, draws.randn_like(x))
+    with torch.no_grad():
+        clipped, unclipped = (d.vlb_terms(ddpm.net, x, x_t, t, clip_denoised=clip)[0] for clip in (True, False))
+    assert not torch.allclose(clipped, unclipped)  # clipping matters at these draws
+    assert torch.allclose(estimate.terms["steps"], weight * clipped)
+    assert torch.allclose(estimate.terms["prior"], d.prior_kl(x))
+    assert estimate.dims == 64 and torch.allclose(estimate.bpd, estimate.nll / (64 * math.log(2)))
