@@ -178,6 +178,10 @@ def test_atomic_text_and_rng_states_round_trip(tmp_path):
     torch.manual_seed(4)
     ckpt.restore_rng_states(states, torch.device("cpu"))
     assert torch.equal(torch.rand(4), expected)
+    # a checkpoint written on a GPU also holds the CUDA generator's state; resumed on a CPU, it is left alone
+    torch.manual_seed(4)
+    ckpt.restore_rng_states({**states, "cuda": torch.zeros(16, dtype=torch.uint8)}, torch.device("cpu"))
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_the_ema_follows_its_formula_with_warm_up_and_copies_buffers():

@@ -248,6 +248,9 @@ def test_cosine_schedule_follows_its_formula_after_the_warm_up_and_scales_the_up
     from elbox.training.loop import learning_rate
 
     assert [learning_rate(s, cfg.train) for s in (steps, steps + 2, steps + 4, 3 * steps)] == [0.0] * 4
+    # one step after the warm-up (T - w = 1): the full lr at it, 0 from the next on
+    short = tiny(lr=base_lr, warmup_steps=warmup, lr_schedule="cosine", steps=warmup + 1).train
+    assert [learning_rate(s, short) for s in range(warmup + 3)] == [base_lr / 2, base_lr, base_lr, 0.0, 0.0]
 
 
 def test_compile_uses_the_chosen_backend_and_rejects_an_unknown_one(tmp_path):

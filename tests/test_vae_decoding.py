@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from elbox.errors import UserError
-from elbox.objectives.decoders import DECODERS, build_likelihood
+from elbox.objectives.decoders import DECODERS, LocationScale, build_likelihood
 from elbox.objectives.vae import VAE, VAEConfig
 
 SMALL = dict(latent_dim=8, hidden=(64,), conv_channels=(8, 16))
@@ -21,6 +21,8 @@ def test_decoder_means_and_draws_keep_float64_and_the_data_range(name):
     params = torch.linspace(-3.0, 3.0, 32, dtype=torch.float64).view(2, 1, 4, 4)
     mean, draw = lik.mean(params), lik.draw(params, torch.Generator().manual_seed(0))
     assert mean.dtype == draw.dtype == torch.float64 and mean.shape == draw.shape == params.shape
+    if isinstance(lik, LocationScale):  # its standard noise, too, is drawn (and a logistic's quantile taken) in float64
+        assert lik.noise(params, torch.Generator().manual_seed(0)).dtype == torch.float64
     expected = {"bernoulli": torch.sigmoid(params), "gaussian": params,
                 "discretized-gaussian": params.clamp(-1, 1), "discretized-logistic": params.clamp(-1, 1)}[name]
     assert torch.equal(mean, expected)
