@@ -171,6 +171,24 @@ def test_autocast_runs_the_network_layers_in_the_chosen_precision(precision, dty
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_hands_the_network_a_channels_last_batch(channels_last):
+    """3-channel images (with one channel, the two layouts are the same memory): the network gets the batch
+    channels-last exactly when asked to."""
+    cfg = tiny(channels_last=channels_last, lr=1e-3)
+    torch.manual_seed(0)
+    model = build_model(resolve(cfg, "8bit"), (3, 8, 8))
+    seen = []
+    hook = model.net.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                      and not args[0].is_contiguous()))
+    try:
+        sgd_step(cfg, model, digits_batch().expand(-1, 3, -1, -1).contiguous())
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {channels_last}
+
+
 def test_compile_hands_the_networks_to_dynamo(tmp_path):
     import torch._dynamo
     from torch._dynamo.utils import counters
