@@ -131,3 +131,12 @@ def test_config_limits_are_exact():
         with pytest.raises(UserError) as e:
             VAEConfig(**bad)
         assert message in str(e.value), (bad, str(e.value))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_learned_global_scale_comes_back_in_the_outputs_dtype(dtype):
+    """sigma_mode="learned": the float32 log sigma is handed out in the network output's dtype (float64 for the exact
+    checks, bf16 under autocast), as the location is."""
+    lik = build_likelihood("gaussian", 1, "learned", 0.5)
+    loc, log_sigma = lik.split(torch.zeros(2, 1, 4, 4, dtype=dtype))
+    assert loc.dtype == log_sigma.dtype == dtype and log_sigma.item() == pytest.approx(math.log(0.5), rel=1e-2)
