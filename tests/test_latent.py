@@ -383,6 +383,12 @@ def test_the_ddpms_importance_weighted_estimate_is_the_log_mean_exp_of_its_traje
     assert w.dtype == torch.float64  # a float32 model's weights summed over T steps in float64
     torch.testing.assert_close(got, torch.logsumexp(w.double(), 0) - math.log(6))
     assert got.shape == (3,) and bool((got > w.double().mean(0)).all())  # Jensen: above the mean log-weight
+    # the default chunk is 16 (then 2 for k = 18): it decides which draws each trajectory gets, so a seeded figure
+    # of `elbox evaluate --metric nll` stays the same number
+    g = torch.Generator().manual_seed(8)
+    w = torch.cat([model.trajectory_log_weight(x.repeat(n, 1, 1, 1), generator=g).view(n, 3) for n in (16, 2)])
+    torch.testing.assert_close(model.iwae_bound(x, 18, generator=torch.Generator().manual_seed(8)),
+                               torch.logsumexp(w.double(), 0) - math.log(18))
 
 
 def test_trajectory_weight_by_hand():
