@@ -67,7 +67,8 @@ def test_sigkill_at_random_moments_never_leaves_a_bad_checkpoint(tmp_path):
     """20 real processes, each killed with SIGKILL at a seeded random moment and resumed from the latest checkpoint
     by the next; finally the run is finished and compared with one that was never interrupted: bit for bit equal.
 
-    Every other kill lands at a random moment of the first 0.2 s of training (steps, saves, prunes), the others
+    Every other kill lands at a random moment of the 0.2 s after the resumed run's first checkpoint (steps, saves,
+    prunes; waiting for that checkpoint makes the run move on however slow the machine), the others
     in the middle of start-up (loading the checkpoint, rewriting the metrics, the first step). A 2-D toy data
     set and an MLP keep each process's start-up short; the mechanics are those of any model.
     """
@@ -88,8 +89,9 @@ def test_sigkill_at_random_moments_never_leaves_a_bad_checkpoint(tmp_path):
         proc = launch("--out", run, "--steps", "100000", *flags) if i == 0 else launch("--resume", run)
         if i % 2:  # somewhere in the middle of start-up (reading the checkpoint, rewriting the metrics...)
             time.sleep(rng.uniform(0.2 * startup, 0.8 * startup))
-        else:  # once it trains again, somewhere in its first 0.2 s
-            wait_for_step(run, resume_step + 1, proc, old_inode=inode)
+        else:  # once it trains again and has saved a checkpoint (so every run moves on), in the next 0.2 s
+            # (step K + 1 reported means the checkpoint of step resume + K is on disk: see the module's docstring)
+            wait_for_step(run, resume_step + K + 1, proc, old_inode=inode)
             # the median start-up: one slow start (a fresh venv's first imports) must not push every later
             # "in start-up" kill past the start-up it aims at
             startups.append(time.monotonic() - started)
