@@ -288,6 +288,7 @@ def test_bf16_autocast_trains_on_the_cpu_and_fp16_is_refused(tmp_path, capsys):
     assert not any(v.dtype in (torch.bfloat16, torch.float16) for v in weights.values())
     assert main(["train", "--out", str(tmp_path / "fp16"), *TINY, "--precision", "fp16", "--device", "cpu"]) == 2
     assert "fp16' needs a GPU" in capsys.readouterr().err
+    assert not (tmp_path / "fp16").exists()  # refused before the run folder is made
 
 
 def test_precision_auto_is_bf16_where_the_cpu_has_it_natively_and_is_saved_resolved(tmp_path, monkeypatch):

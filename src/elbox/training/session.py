@@ -200,8 +200,7 @@ def check_setup(t: TrainConfig, info: DistInfo) -> int:  # pragma: no mutate blo
         if t.compile_backend not in known:
             raise UserError(f"compile_backend={t.compile_backend!r} is not known to torch.compile; choose one of "
                             f"{', '.join(known)}")
-    if t.precision == "fp16" and info.device.type == "cpu":
-        raise UserError("precision='fp16' needs a GPU; on the CPU use bf16 or fp32")
+    devices.resolve_precision(t.precision, info.device)  # fp16 needs a GPU: refused here, before anything is built
     if t.batch_size % (info.world_size * t.grad_accum):
         raise UserError(f"batch_size={t.batch_size} must be divisible by processes ({info.world_size}) x "
                         f"grad_accum ({t.grad_accum})")
