@@ -75,10 +75,11 @@ def build_elbox(width: int, batch: int, precision: str, compile_: bool, device: 
 
     from elbox.config import DataConfig, RunConfig, TrainConfig
     from elbox.data import to_model
+    from elbox.devices import autocast
     from elbox.objectives.ddpm import DDPMConfig
     from elbox.samplers import ancestral_sample
     from elbox.training.distributed import setup
-    from elbox.training.loop import _autocast, train_step
+    from elbox.training.loop import train_step
     from elbox.training.session import DATA_KINDS, build_model, resolve, set_up
 
     cfg = RunConfig(model_config=DDPMConfig(net="ddpm-cifar10", base_channels=width, dropout=0.1, loss="simple",
@@ -102,7 +103,7 @@ def build_elbox(width: int, batch: int, precision: str, compile_: bool, device: 
 
     def sample(n: int, steps: int):
         net, diffusion = run.sampling_model.net, run.sampling_model.diffusion
-        with _autocast(precision, info.device):
+        with autocast(precision, info.device):
             _stop_after(steps, lambda progress: ancestral_sample(
                 diffusion, net, (n, 3, 32, 32), device=info.device, progress=progress))
 
