@@ -264,9 +264,9 @@ def test_the_importance_weighted_estimate_in_chunks_is_log_mean_exp_and_refuses_
         with pytest.raises(UserError, match=f"must be an integer >= 1; got {k}"):
             log_mean_exp_in_chunks(lambda n: torch.zeros(n, 3), k, 3)
     calls = []
-    for k, chunk in ((7, 3), (6, 3), (2, 5)):
+    for k, chunk in ((7, 3), (6, 3), (2, 5), (3, 1), (1, 1)):  # a chunk of 1 and a k of 1 are allowed
         log_mean_exp_in_chunks(lambda n: calls.append(n) or torch.zeros(n, 3), k, chunk)
-    assert calls == [3, 3, 1, 3, 3, 2]  # chunks of `chunk`, the last one what is left
+    assert calls == [3, 3, 1, 3, 3, 2, 1, 1, 1, 1]  # chunks of `chunk`, the last one what is left
     for chunk in (0, -1, 1.5):
         with pytest.raises(UserError, match=f"chunk must be an integer >= 1; got {chunk}"):
             log_mean_exp_in_chunks(lambda n: torch.zeros(n, 3), 4, chunk)
