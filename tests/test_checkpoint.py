@@ -133,6 +133,19 @@ def test_every_damage_is_refused_in_one_line(tmp_path, how, message):
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def test_the_manifest_schema_names_what_is_wrong_at_its_limits(tmp_path):
+    """manifest_problem, the schema check a recomputed checksum cannot get past: None for what save writes; a size
+    of 65536 is allowed and 65537 is not (both ends of each size's range); anything but an object says so."""
+    manifest = json.loads((save(tmp_path / "run", 5) / "manifest.json").read_text())
+    assert ckpt.manifest_problem(manifest) is None
+    assert ckpt.manifest_problem([manifest]) == "not a JSON object"
+    for shape, allowed in (([65536], True), ([65537], False), ([1, 1, 1], True), ([0], False), ([4, 4, 4, 4], False)):
+        manifest["model"]["data_shape"] = shape
+        problem = ckpt.manifest_problem(manifest)
+        assert (problem is None) == allowed and (allowed or problem.startswith("data_shape must be 1 to 3 sizes")), \
+            (shape, problem)
+
+
 def test_a_damaged_latest_checkpoint_names_the_one_before_it(tmp_path):
     run = tmp_path / "run"
     save(run, 1)
