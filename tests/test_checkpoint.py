@@ -170,10 +170,13 @@ def test_each_part_of_the_manifest_schema_has_its_own_message(tmp_path, key, val
 def test_the_manifest_schema_names_what_is_wrong_at_its_limits(tmp_path):
     """manifest_problem, the schema check a recomputed checksum cannot get past: None for what save writes; a size
     of 65536 is allowed and 65537 is not, and so are 2**26 numbers in all and not one more (both ends of each
-    range); anything but an object says so."""
+    range); loader, ema_updates, optimizer, scaler and model.data may be left out; anything but an object says so."""
     manifest = json.loads((save(tmp_path / "run", 5) / "manifest.json").read_text())
     assert ckpt.manifest_problem(manifest) is None
     assert ckpt.manifest_problem([manifest]) == "not a JSON object"
+    for optional in ("loader", "ema_updates", "optimizer", "scaler"):  # each may be left out
+        assert ckpt.manifest_problem({k: v for k, v in manifest.items() if k != optional}) is None, optional
+    assert ckpt.manifest_problem({**manifest, "model": {k: v for k, v in manifest["model"].items() if k != "data"}}) is None
     for shape, allowed in (([65536], True), ([65537], False), ([1, 1, 1], True), ([0], False), ([4, 4, 4, 4], False),
                            ([65536, 1024], True), ([65536, 1025], False)):  # 2**26 numbers at most
         manifest["model"]["data_shape"] = shape
