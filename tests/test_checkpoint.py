@@ -176,7 +176,8 @@ def test_the_manifest_schema_names_what_is_wrong_at_its_limits(tmp_path):
     assert ckpt.manifest_problem([manifest]) == "not a JSON object"
     for optional in ("loader", "ema_updates", "optimizer", "scaler"):  # each may be left out
         assert ckpt.manifest_problem({k: v for k, v in manifest.items() if k != optional}) is None, optional
-    assert ckpt.manifest_problem({**manifest, "model": {k: v for k, v in manifest["model"].items() if k != "data"}}) is None
+    model = {k: v for k, v in manifest["model"].items() if k != "data"}
+    assert ckpt.manifest_problem({**manifest, "model": model}) is None
     for shape, allowed in (([65536], True), ([65537], False), ([1, 1, 1], True), ([0], False), ([4, 4, 4, 4], False),
                            ([65536, 1024], True), ([65536, 1025], False)):  # 2**26 numbers at most
         manifest["model"]["data_shape"] = shape
