@@ -194,6 +194,8 @@ def test_a_damaged_latest_checkpoint_names_the_one_before_it(tmp_path):
         ckpt.latest_checkpoint(run)
     assert ckpt.latest_checkpoint(run, verify=False).name == "step-0000002"
     ckpt.read_manifest(run / "checkpoints" / "step-0000002", verify=False)  # reading without checks still works
+    with pytest.raises(UserError, match="model.safetensors does not match its checksum"):
+        ckpt.read_manifest(run / "checkpoints" / "step-0000002")  # by default, the files are checked
 
 
 def test_weights_of_another_model_are_refused_naming_the_first_difference():
