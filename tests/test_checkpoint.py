@@ -133,37 +133,31 @@ def test_every_damage_is_refused_in_one_line(tmp_path, how, message):
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def _set(manifest: dict, dotted: str, value) -> None:
-    *path, last = dotted.split(".")
-    for key in path:
-        manifest = manifest[key]
-    manifest[last] = value
-
-
-@pytest.mark.parametrize("key,value,message", [
-    ("step", -1, "step must be an integer >= 0"),
-    ("step", True, "step must be an integer >= 0"),
-    ("checksum", 5, "checksum must be a string"),
-    ("files", {"model.safetensors": "0" * 64},
+@pytest.mark.parametrize("keys,value,message", [
+    (("step",), -1, "step must be an integer >= 0"),
+    (("step",), True, "step must be an integer >= 0"),
+    (("checksum",), 5, "checksum must be a string"),
+    (("files",), {"model.safetensors": "0" * 64},
      "files must map model.safetensors, rng.safetensors (and optionally ema/optimizer) to checksums"),
-    ("files.extra.bin", "0" * 64, "unknown file 'extra.bin' (allowed: model.safetensors, rng.safetensors, "
-                                  "ema.safetensors, optimizer.safetensors)"),
-    ("files.model.safetensors", "0" * 63, "the checksum of model.safetensors is not a sha256 hex digest"),
-    ("files.model.safetensors", "A" * 64, "the checksum of model.safetensors is not a sha256 hex digest"),
-    ("model.kind", 1, "model must hold a kind (string) and a config (object)"),
-    ("model.config", [], "model must hold a kind (string) and a config (object)"),
-    ("model.data", [], "model.data must be an object"),
-    ("optimizer", [], "optimizer must be an object or null"),
-    ("loader", {"0": 1}, "loader must map ranks to objects"),
-    ("ema_updates", -1, "ema_updates must be an integer >= 0"),
-    ("scaler", 1, "scaler must be an object or null"),
+    (("files", "extra.bin"), "0" * 64, "unknown file 'extra.bin' (allowed: model.safetensors, rng.safetensors, "
+                                          "ema.safetensors, optimizer.safetensors)"),
+    (("files", "model.safetensors"), "0" * 63, "the checksum of model.safetensors is not a sha256 hex digest"),
+    (("files", "model.safetensors"), "A" * 64, "the checksum of model.safetensors is not a sha256 hex digest"),
+    (("model", "kind"), 1, "model must hold a kind (string) and a config (object)"),
+    (("model", "config"), [], "model must hold a kind (string) and a config (object)"),
+    (("model", "data"), [], "model.data must be an object"),
+    (("optimizer",), [], "optimizer must be an object or null"),
+    (("loader",), {"0": 1}, "loader must map ranks to objects"),
+    (("ema_updates",), -1, "ema_updates must be an integer >= 0"),
+    (("scaler",), 1, "scaler must be an object or null"),
 ])
-def test_each_part_of_the_manifest_schema_has_its_own_message(tmp_path, key, value, message):
+def test_each_part_of_the_manifest_schema_has_its_own_message(tmp_path, keys, value, message):
     manifest = json.loads((save(tmp_path / "run", 5) / "manifest.json").read_text())
-    if key.startswith("files."):  # file names hold dots: "files.<name>"
-        manifest["files"][key.removeprefix("files.")] = value
-    else:
-        _set(manifest, key, value)
+    *parents, last = keys
+    part = manifest
+    for key in parents:
+        part = part[key]
+    part[last] = value
     assert ckpt.manifest_problem(manifest) == message
 
 
