@@ -9,6 +9,7 @@ non-equivalent mutants that were killed, as JSON lines and a table.
     python benchmarks/mutation.py --report     # only report the last run's results
     python benchmarks/mutation.py --survivors  # also print each surviving mutant's diff
     python benchmarks/mutation.py --only 'elbox.samplers.*'   # (re)run some mutants, by name pattern
+    python benchmarks/mutation.py --retime     # first time the tests afresh (see retime()), then run
     python benchmarks/mutation.py --check-equivalents         # has any listed mutant changed since it was read?
     python benchmarks/mutation.py --record-equivalents        # after reading them: pin the listed mutants' changes
 
@@ -80,6 +81,48 @@ def run_mutmut(children: int, only: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "mutants" / "src")}
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *only], cwd=REPO,
                    env=env, check=False)
+
+
+STATS = REPO / "mutants" / "mutmut-stats.json"
+
+
+def parse_durations(pytest_output: str) -> dict[str, float]:
+    """{test id: seconds of setup + call + teardown} from the lines ``pytest --durations=0`` prints."""
+    import re
+
+    out: dict[str, float] = defaultdict(float)
+    for line in pytest_output.splitlines():
+        m = re.match(r"([\d.]+)s (setup|call|teardown) +(\S.*)$", line.rstrip())
+        if m:
+            out[m.group(3)] += float(m.group(1))
+    return dict(out)
+
+
+def retime(stats: Path, measured: dict[str, float]) -> int:
+    """Replace the test durations in mutmut's stats with ``measured`` ones; returns how many were replaced.
+
+    mutmut runs a mutant's tests fastest first (with -x, so a killed mutant stops at its first failing test), by
+    the durations its stats run recorded once. A stats run that spans a busy or paused machine records some tests
+    at 100x their time: those then run last, after slow ones that start ``python -m elbox`` subprocesses, and
+    every killed mutant waits for them (measured: 2 mutants a minute, 9 after a retime). Only the order and the
+    timeouts change; the results do not."""
+    data = json.loads(stats.read_text())
+    durations = data["duration_by_test"]
+    hits = [t for t in durations if t in measured]
+    for t in hits:
+        durations[t] = max(measured[t], 0.01)
+    stats.write_text(json.dumps(data))
+    return len(hits)
+
+
+def measure_test_durations() -> dict[str, float]:
+    """Run the tests mutmut runs (pyproject's pytest_add_cli_args), once, unmutated, and time each."""
+    args = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"].get("pytest_add_cli_args", [])
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", *args, "--durations=0", "--durations-min=0"],
+                         cwd=REPO, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        sys.exit(f"the tests fail unmutated; fix them before timing them:\n{run.stdout[-2000:]}")
+    return parse_durations(run.stdout)
 
 
 def load_results() -> dict[str, dict[str, int | None]]:
@@ -158,6 +201,9 @@ def main() -> None:
                     help=f"only check that each entry of {EQUIVALENT.name} still names the change that was read")
     ap.add_argument("--record-equivalents", action="store_true",
                     help=f"pin each entry's change in {PINNED.name} (after reading them against their reasons)")
+    ap.add_argument("--retime", action="store_true",
+                    help="time the tests once, unmutated, on a quiet machine, and give mutmut those durations "
+                         "(the order it runs each mutant's tests in), then run")
     args = ap.parse_args()
     equivalent = tomllib.loads(EQUIVALENT.read_text()).get("equivalent", {}) if EQUIVALENT.is_file() else {}
     if args.record_equivalents:
@@ -174,6 +220,10 @@ def main() -> None:
             print(f"# {name}: {problem}\n")
         print(f"{len(problems)} of {len(equivalent)} entries of {EQUIVALENT.name} need reading again")
         sys.exit(1 if problems else 0)
+    if args.retime:
+        if not STATS.is_file():
+            sys.exit(f"{STATS} is not there yet: run once without --retime first")
+        print(f"retimed {retime(STATS, measure_test_durations())} tests in {STATS.name}", file=sys.stderr)
     if not args.report:
         run_mutmut(args.children, args.only)
     results = load_results()

@@ -4,6 +4,7 @@ kept result can belong to a renumbered mutant; the coverage map is kept."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,24 @@ def test_a_mutants_change_is_made_from_the_source_as_it_is(tmp_path, monkeypatch
     assert first == {"pkg.mod.x_f__mutmut_1": "-    return x + 1\n+    return x - 1", "pkg.mod.x_f__mutmut_99": None}
     source.write_text("def f(x):\n    y = x * 2\n    return x + 1\n")
     assert script.mutant_changes(["pkg.mod.x_f__mutmut_1"])["pkg.mod.x_f__mutmut_1"] != first["pkg.mod.x_f__mutmut_1"]
+
+
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is not here (mutmut runs the tests from its copy)")
+def test_retime_gives_mutmut_the_measured_durations_and_keeps_the_rest(tmp_path):
+    script = load_script()
+    out = """============================= slowest durations ==============================
+2.50s call     tests/test_a.py::test_slow[x-1 (a, b)]
+0.25s setup    tests/test_a.py::test_slow[x-1 (a, b)]
+0.00s teardown tests/test_a.py::test_fast
+1.00s call     tests/test_a.py::test_fast
+3 passed in 4.00s"""
+    measured = script.parse_durations(out)
+    assert measured == {"tests/test_a.py::test_slow[x-1 (a, b)]": 2.75, "tests/test_a.py::test_fast": 1.0}
+    stats = tmp_path / "mutmut-stats.json"
+    old = {"tests/test_a.py::test_slow[x-1 (a, b)]": 378.0, "tests/test_a.py::test_fast": 0.5, "tests/gone.py::t": 9.0}
+    stats.write_text(json.dumps({"duration_by_test": old, "tests_by_mangled_function_name": {"f": ["t"]}}))
+    assert script.retime(stats, measured) == 2
+    data = json.loads(stats.read_text())
+    assert data["duration_by_test"] == {"tests/test_a.py::test_slow[x-1 (a, b)]": 2.75,
+                                        "tests/test_a.py::test_fast": 1.0, "tests/gone.py::t": 9.0}
+    assert data["tests_by_mangled_function_name"] == {"f": ["t"]}
