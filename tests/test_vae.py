@@ -382,6 +382,30 @@ def test_bad_config_values_raise_one_line_user_errors(kwargs, words):
     assert "\n" not in message and all(w in message for w in words), message
 
 
+def test_every_size_limit_allows_its_edge_and_refuses_one_past_it():
+    """Each limit of VAEConfig at both ends: the largest (or smallest) allowed value builds a config, one step past
+    it is a one-line UserError naming the key (an off-by-one in a limit, `<=` for `<`, would go unseen otherwise)."""
+    edges = [  # (allowed, refused, words of the refusal)
+        (dict(latent_dim=65536), dict(latent_dim=65537), "latent_dim=65537"),
+        (dict(latent_dim=1), dict(latent_dim=0), "latent_dim=0"),
+        (dict(hidden=(65536,)), dict(hidden=(65537,)), "hidden=[65537] is too large"),
+        (dict(hidden=(1,) * 64), dict(hidden=(1,) * 65), "hidden=[1, 1"),
+        (dict(conv_channels=(65536,)), dict(conv_channels=(65537,)), "conv_channels=[65537] is too large"),
+        (dict(conv_channels=(1,) * 64), dict(conv_channels=(1,) * 65), "conv_channels=[1, 1"),
+        (dict(arch="conv", latent_channels=4096), dict(arch="conv", latent_channels=4097), "latent_channels and"),
+        (dict(arch="conv", latent_channels=0), dict(arch="conv", latent_channels=-1), "-1 is not allowed; use 0"),
+        (dict(ar_channels=4096), dict(ar_channels=4097), "ar_channels must be <= 4096"),
+        (dict(ar_channels=1), dict(ar_channels=0), "ar_channels=0"),
+        (dict(ar_kernel=63), dict(ar_kernel=64), "ar_kernel <= 63"),  # 64 is even, but the size limit comes first
+        (dict(ar_kernel=3), dict(ar_kernel=1), "ar_kernel=1"),
+    ]
+    for allowed, refused, words in edges:
+        VAEConfig(**allowed)
+        with pytest.raises(UserError) as info:
+            VAEConfig(**refused)
+        assert words in str(info.value) and "\n" not in str(info.value), (refused, str(info.value))
+
+
 def test_bad_data_and_k_raise_one_line_user_errors():
     vae = VAE(VAEConfig(**SMALL), (1, 8, 8))
     for bad in (torch.full((2, 1, 8, 8), 2.0), torch.full((2, 1, 8, 8), -0.5)):
