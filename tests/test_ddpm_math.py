@@ -227,6 +227,24 @@ def test_impossible_settings_are_one_line_user_errors(kwargs, fragment):
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
+def test_every_config_limit_allows_its_edge_and_refuses_one_past_it():
+    """DDPMConfig's ranges at both ends: the edge value is a config, one step past it a one-line UserError."""
+    edges = [  # (allowed, refused, words of the refusal)
+        (dict(timesteps=100_000), dict(timesteps=100_001), "timesteps=100001"),
+        (dict(timesteps=1), dict(timesteps=0), "timesteps=0"),
+        (dict(base_channels=4096), dict(base_channels=4097), "base_channels=4097"),
+        (dict(base_channels=1), dict(base_channels=0), "base_channels=0"),
+        (dict(dropout=0.0), dict(dropout=-0.01), "dropout=-0.01"),
+        (dict(dropout=0.99), dict(dropout=1.0), "dropout=1.0"),
+        (dict(hybrid_lambda=1e-12), dict(hybrid_lambda=0.0), "hybrid_lambda=0.0"),
+    ]
+    for allowed, refused, words in edges:
+        DDPMConfig(**allowed)
+        with pytest.raises(UserError) as info:
+            DDPMConfig(**refused)
+        assert words in str(info.value) and "\n" not in str(info.value), (refused, str(info.value))
+
+
 def test_image_size_not_divisible_by_the_unet_downsampling():
     with pytest.raises(UserError, match="not divisible"):
         DDPM(DDPMConfig(data_kind="8bit", net="small"), (1, 30, 30))
