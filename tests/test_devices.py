@@ -62,3 +62,20 @@ def test_ddpm_samples_and_bound_are_the_same_on_cpu_and_gpu(sampler, exact_fp32)
     gpu_b = ddpm.bound(x.cuda(), generator=torch.Generator().manual_seed(2)).nll
     torch.testing.assert_close(gpu_s.cpu(), cpu_s, rtol=0, atol=1e-4)
     torch.testing.assert_close(gpu_b.cpu(), cpu_b, rtol=1e-5, atol=0)
+
+
+@cuda
+def test_a_checkpoint_carries_the_gpus_generator_state_and_a_cpu_runs_carries_none():
+    """Training on a GPU, the checkpoint's generator states include that GPU's (dropout and the timesteps are drawn
+    there), and restoring them replays its draws; a CPU run's states have only torch's own."""
+    from elbox.checkpoint import restore_rng_states, rng_states
+
+    device = torch.device("cuda")
+    torch.cuda.manual_seed(3)
+    states = rng_states(device)
+    assert set(states) == {"torch", "cuda"}
+    assert torch.equal(states["cuda"], torch.cuda.get_rng_state(device))
+    first = torch.randn(8, device=device)
+    restore_rng_states(states, device)
+    assert torch.equal(torch.randn(8, device=device), first)
+    assert set(rng_states(torch.device("cpu"))) == {"torch"}
