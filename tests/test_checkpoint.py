@@ -67,6 +67,12 @@ def test_only_the_newest_are_kept_in_numeric_order_and_a_saved_step_is_not_rewri
     save(run, 12_345_679, keep=1)
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-12345679"]
     assert not (run / "checkpoints" / ".step-0000200.tmp99").exists()
+    # this process's own leftover of the same step (a save that failed and could not clean up) is cleared first
+    mine = run / "checkpoints" / f".step-20000000.tmp{os.getpid()}"
+    mine.mkdir()
+    (mine / "stale.bin").write_bytes(b"x")
+    assert sorted(p.name for p in save(run, 20_000_000, keep=1).iterdir()) == [
+        "ema.safetensors", "manifest.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors"]
     assert ckpt.list_checkpoints(tmp_path / "nothing") == [] and ckpt.latest_checkpoint(tmp_path / "nothing") is None
 
 

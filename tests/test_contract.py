@@ -129,6 +129,7 @@ def test_a_prefixed_part_keeps_its_dims_loss_and_unit_and_merged_steps_keep_ever
     prefixed = part.prefixed("prior")
     assert prefixed.dims == 3 and torch.equal(prefixed.loss, loss) and prefixed.loss_unit == "bits/dim"
     assert prefixed.steps == ("prior/steps",)
+    assert Terms.cat([part, part]).loss_unit == "bits/dim"  # batches put together keep the unit of their loss
     first = Terms(terms={"a": torch.tensor([0.5, 0.5]), "b": torch.tensor([0.25, 0.0])}, dims=3, steps=("b", "a"))
     whole = Terms.merge([first, prefixed], dims=3)
     assert whole.steps == ("b", "a", "prior/steps") and whole.loss_unit == "nats"
