@@ -76,6 +76,52 @@ def test_only_the_newest_are_kept_in_numeric_order_and_a_saved_step_is_not_rewri
     assert ckpt.list_checkpoints(tmp_path / "nothing") == [] and ckpt.latest_checkpoint(tmp_path / "nothing") is None
 
 
+def _save_with_files_of_at_most(limit: int, run: Path, step: int, **over) -> UserError:
+    """Save while the kernel refuses to grow any file past ``limit`` bytes (RLIMIT_FSIZE, this process only, put
+    back afterwards; EFBIG, as a full disk gives ENOSPC): the real failed write, in-process. Returns the error."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(), not the signal that kills
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises(UserError) as info:
+            save(run, step, **over)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    return info.value
+
+
+def test_a_failed_save_leaves_no_half_written_folder_and_says_the_previous_one_is_untouched(tmp_path):
+    run = tmp_path / "run"
+    save(run, 2)
+    big = {"w": torch.zeros(1 << 20)}  # 4 MiB, past the 1 MiB limit
+    error = _save_with_files_of_at_most(1 << 20, run, 4, model_state=big, ema_state=big)
+    root = run / "checkpoints"
+    assert str(error) == (f"could not save checkpoint {root / 'step-0000004'}: the disk is full (File too large); "
+                          f"the previous checkpoint {root / 'step-0000002'} is intact")
+    assert [p.name for p in root.iterdir()] == ["step-0000002"]  # the temporary folder is gone
+    assert ckpt.load_checkpoint(run).step == 2
+    # the error is about the save, whatever state the previous checkpoint is in: it is not read (on a failure path,
+    # and for a large model, re-hashing gigabytes), so its own damage does not take the message's place
+    (root / "step-0000002" / "model.safetensors").write_bytes(b"damaged")
+    error = _save_with_files_of_at_most(1 << 20, run, 4, model_state=big, ema_state=big)
+    assert str(error).startswith(f"could not save checkpoint {root / 'step-0000004'}: the disk is full")
+
+
+def test_a_save_that_cannot_make_its_folder_is_one_line_and_leaves_what_is_there(tmp_path):
+    """``checkpoints`` is a file of the user's: the folder cannot be made; the error says so, nothing is removed
+    (the clean-up of a temporary folder that was never made must not raise either)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("mine")
+    with pytest.raises(UserError, match=r"could not save checkpoint .*step-0000003: .*; no earlier checkpoint exists"):
+        save(run, 3)
+    assert (run / "checkpoints").read_text() == "mine"
+
+
 def test_resolve_a_run_or_a_checkpoint_folder(tmp_path):
     run = tmp_path / "run"
     path = save(run, 3)
