@@ -120,6 +120,12 @@ def test_prefixed_terms_merge_into_a_larger_model_with_their_columns_and_steps()
     assert both.columns == whole.columns and both.steps == whole.steps and both.batch_size == 4
 
 
+def test_batches_put_together_keep_the_unit_of_their_loss():
+    part = Terms(terms={"a": torch.tensor([1.0, 2.0])}, dims=3, loss=torch.tensor([7.0, 8.0]), loss_unit="bits/dim")
+    both = Terms.cat([part, part])
+    assert both.loss_unit == "bits/dim" and torch.equal(both.loss, torch.tensor([7.0, 8.0, 7.0, 8.0]))
+
+
 def test_a_prefixed_part_keeps_its_dims_loss_and_unit_and_merged_steps_keep_every_parts_order():
     """prefixed renames, nothing else: dims, the training loss (not the sum of its terms) and its unit travel
     with it. merge: steps from every part, in the parts' order; a merged loss defaults to the whole's bound in
@@ -129,7 +135,6 @@ def test_a_prefixed_part_keeps_its_dims_loss_and_unit_and_merged_steps_keep_ever
     prefixed = part.prefixed("prior")
     assert prefixed.dims == 3 and torch.equal(prefixed.loss, loss) and prefixed.loss_unit == "bits/dim"
     assert prefixed.steps == ("prior/steps",)
-    assert Terms.cat([part, part]).loss_unit == "bits/dim"  # batches put together keep the unit of their loss
     first = Terms(terms={"a": torch.tensor([0.5, 0.5]), "b": torch.tensor([0.25, 0.0])}, dims=3, steps=("b", "a"))
     whole = Terms.merge([first, prefixed], dims=3)
     assert whole.steps == ("b", "a", "prior/steps") and whole.loss_unit == "nats"
