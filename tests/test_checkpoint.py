@@ -122,6 +122,17 @@ def test_a_save_that_cannot_make_its_folder_is_one_line_and_leaves_what_is_there
     assert (run / "checkpoints").read_text() == "mine"
 
 
+def test_clearing_leftovers_is_best_effort_and_never_fails_a_save(tmp_path):
+    """A dot-leftover the clean-up cannot remove (here a file, where it expects an interrupted save's folder) is left
+    alone: the save it follows has succeeded and says so."""
+    run = tmp_path / "run"
+    save(run, 1)
+    stray = run / "checkpoints" / ".step-0000001.tmp5"
+    stray.write_text("not a folder")
+    assert save(run, 2, keep=1) == run / "checkpoints" / "step-0000002"
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-0000002"] and stray.read_text() == "not a folder"
+
+
 def test_resolve_a_run_or_a_checkpoint_folder(tmp_path):
     run = tmp_path / "run"
     path = save(run, 3)
