@@ -5,7 +5,8 @@ change at a time (a ``+`` for a ``-``, a constant off by one, a dropped argument
 the changed function; a mutant is *killed* when a test fails. This script runs it and prints, per file, the share of
 non-equivalent mutants that were killed, as JSON lines and a table.
 
-    python benchmarks/mutation.py              # run (hours on 2 cores; results are cached in mutants/), report
+    python benchmarks/mutation.py              # run (hours on 2 cores; results are cached in mutants/ and
+                                               # kept in mutation_results.json), report
     python benchmarks/mutation.py --report     # only report the last run's results
     python benchmarks/mutation.py --survivors  # also print each surviving mutant's diff
     python benchmarks/mutation.py --only 'elbox.samplers.*'   # (re)run some mutants, by name pattern
@@ -23,6 +24,12 @@ A listed name is a function and a *number*: when the function's code changes, it
 may come to mean another change, for which the reason is wrong. So each entry's change (its - and + lines, made by
 mutmut from the source) is pinned in ``mutation_equivalent_diffs.json`` when the entries are read, and
 ``--check-equivalents`` (also run by ``--report``) names every entry whose change is no longer the one read.
+
+A run takes longer than one working session, and mutants/ is one machine's cache, so the decided results are also
+kept in ``benchmarks/mutation_results.json``, which is committed: a run (and ``--report``) adds to it, and a run in
+a fresh clone starts from it. A result is kept on mutmut's own rule: while its function's source and the mutation
+settings are unchanged (a killed mutant stays killed when tests are added; weakening a test that killed it is not
+noticed, as in mutmut's cache). ``--report`` in a fresh clone reports from it.
 
 Only the in-process tests take part (pyproject.toml ignores the end-to-end files that start ``python -m elbox``
 and torchrun subprocesses: most of the suite's time, spent again for every surviving mutant). Should a test start
@@ -55,6 +62,12 @@ SURVIVED = {0, 5, 33}  # survived, no tests
 STAMP = REPO / "mutants" / "elbox-mutation-config.json"
 
 
+def mutation_settings() -> dict:
+    """The settings that decide which mutants a function has (a change renumbers them)."""
+    settings = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]
+    return {k: settings.get(k, []) for k in ("do_not_mutate_patterns", "only_mutate")}
+
+
 def forget_results_of_other_settings() -> None:
     """mutmut keeps a function's results while the function's source is unchanged, by mutant number; but which
     mutants a function has also depends on ``do_not_mutate_patterns`` / ``only_mutate``, and a change there
@@ -63,8 +76,7 @@ def forget_results_of_other_settings() -> None:
     the test-coverage map (mutants/mutmut-stats.json) does not depend on them and is kept."""
     import shutil
 
-    settings = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]
-    wanted = {k: settings.get(k, []) for k in ("do_not_mutate_patterns", "only_mutate")}
+    wanted = mutation_settings()
     had = json.loads(STAMP.read_text()) if STAMP.is_file() else None
     if had != wanted and (REPO / "mutants" / "src").exists():
         print("mutation settings changed since the cached mutants were made: dropping them (mutants/src)",
@@ -74,13 +86,103 @@ def forget_results_of_other_settings() -> None:
     STAMP.write_text(json.dumps(wanted))
 
 
+# The results, committed: mutants/ is mutmut's cache on one machine, and a run takes longer than a working session,
+# so each run's decided results are also written here (save_ledger) and a fresh clone starts from them
+# (restore_ledger). A result is kept on mutmut's own rule: while its function's source (mutmut's hash of it) and
+# the mutation settings are unchanged. Like mutmut's cache, it is not re-decided when only the tests change.
+LEDGER = REPO / "benchmarks" / "mutation_results.json"
+
+
+def save_ledger() -> int:
+    """Add every decided result in mutants/ to the ledger, and keep the ledger's others where their function is
+    unchanged (a file without a cache keeps its entry); returns how many results the ledger holds."""
+    ledger = json.loads(LEDGER.read_text()) if LEDGER.is_file() else {}
+    files = ledger.get("files", {}) if ledger.get("settings") == mutation_settings() else {}
+    for meta in sorted((REPO / "mutants").rglob("*.py.meta")):
+        path = meta.relative_to(REPO / "mutants").as_posix()[: -len(".meta")]
+        data = json.loads(meta.read_text())
+        hashes = data["hash_by_function_name"]
+        old = files.get(path, {"hash_by_function_name": {}, "exit_code_by_key": {}})
+        same = {f for f, h in old["hash_by_function_name"].items() if hashes.get(f) == h}
+        codes = {k: c for k, c in old["exit_code_by_key"].items() if k in data["exit_code_by_key"] and _function(k) in same}
+        codes.update({k: c for k, c in data["exit_code_by_key"].items() if c is not None})
+        files[path] = {"hash_by_function_name": {f: hashes.get(f) for f in sorted({_function(k) for k in codes})},
+                       "exit_code_by_key": codes}
+        if not codes:
+            del files[path]
+    LEDGER.write_text(json.dumps({"settings": mutation_settings(), "files": files}, indent=1, sort_keys=True,
+                                 ensure_ascii=False) + "\n")
+    return sum(len(f["exit_code_by_key"]) for f in files.values())
+
+
+def _function(mutant: str) -> str:
+    """The function a mutant belongs to, as mutmut's hashes name it: elbox.x.xǁAǁf__mutmut_3 -> xǁAǁf."""
+    return mutant.partition("__mutmut_")[0].rpartition(".")[2]
+
+
+def restore_ledger() -> int:
+    """Seed mutmut's cache with the ledger's results, for each file that has no cache yet (a fresh clone); mutmut
+    then keeps those whose function is unchanged and runs the rest. Returns how many results were seeded."""
+    ledger = json.loads(LEDGER.read_text()) if LEDGER.is_file() else {}
+    if ledger.get("settings") != mutation_settings():
+        if ledger:
+            print(f"{LEDGER.name} was made under other mutation settings: not used", file=sys.stderr)
+        return 0
+    seeded = 0
+    for path, entry in ledger["files"].items():
+        meta = REPO / "mutants" / (path + ".meta")
+        if meta.exists():
+            continue
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps({**entry, "type_check_error_by_key": {}, "durations_by_key": {},
+                                    "estimated_durations_by_key": {}}))
+        seeded += len(entry["exit_code_by_key"])
+    return seeded
+
+
+def results_from_ledger() -> dict[str, dict[str, int | None]]:
+    """{source file: {mutant name: exit code}} for the source as it is now, from the ledger alone (no mutants/):
+    mutmut makes the current mutants, and a result counts only where its function is unchanged."""
+    import fnmatch
+
+    from mutmut.mutation.file_mutation import mutate_file_contents
+    from mutmut.utils.format_utils import get_mutant_name
+
+    ledger = json.loads(LEDGER.read_text()) if LEDGER.is_file() else {}
+    files = ledger.get("files", {}) if ledger.get("settings") == mutation_settings() else {}
+    cwd = os.getcwd()
+    os.chdir(REPO)  # mutmut reads its settings (the patterns not to mutate) from ./pyproject.toml
+    try:
+        out = {}
+        for path in sorted(p.relative_to(REPO).as_posix() for p in (REPO / "src").rglob("*.py")):
+            if not any(fnmatch.fnmatch(path, pattern) for pattern in mutation_settings()["only_mutate"]):
+                continue
+            mutated = mutate_file_contents(path, (REPO / path).read_text())
+            entry = files.get(path, {"hash_by_function_name": {}, "exit_code_by_key": {}})
+            codes = {}
+            for local in mutated.mutant_names:
+                function = _function(local)
+                same = entry["hash_by_function_name"].get(function) == mutated.hash_by_function_name.get(function)
+                name = get_mutant_name(Path(path), local)
+                codes[name] = entry["exit_code_by_key"].get(name) if same else None
+            if codes:
+                out[path] = codes
+        return out
+    finally:
+        os.chdir(cwd)
+
+
 def run_mutmut(children: int, only: list[str]) -> None:
     forget_results_of_other_settings()
+    seeded = restore_ledger()
+    if seeded:
+        print(f"seeded mutmut's cache with {seeded} results from {LEDGER.name}", file=sys.stderr)
     # the folder must exist before Python starts: a PYTHONPATH entry missing at start-up is cached as "nothing here"
     (REPO / "mutants" / "src").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "mutants" / "src")}
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *only], cwd=REPO,
                    env=env, check=False)
+    print(f"{save_ledger()} results in {LEDGER.name}", file=sys.stderr)
 
 
 STATS = REPO / "mutants" / "mutmut-stats.json"
@@ -227,8 +329,12 @@ def main() -> None:
     if not args.report:
         run_mutmut(args.children, args.only)
     results = load_results()
-    if not results:
-        sys.exit("no mutation results in mutants/; run without --report first")
+    if results:
+        print(f"{save_ledger()} results in {LEDGER.name}", file=sys.stderr)
+    else:
+        results = results_from_ledger()  # a fresh clone: the committed results, where their code is unchanged
+    if not any(code is not None for codes in results.values() for code in codes.values()):
+        sys.exit("no mutation results in mutants/ or in the ledger; run without --report first")
     rows = []
     survivors = defaultdict(list)
     for path, codes in results.items():

@@ -104,3 +104,59 @@ def test_retime_gives_mutmut_the_measured_durations_and_keeps_the_rest(tmp_path)
     assert data["duration_by_test"] == {"tests/test_a.py::test_slow[x-1 (a, b)]": 2.75,
                                         "tests/test_a.py::test_fast": 1.0, "tests/gone.py::t": 9.0}
     assert data["tests_by_mangled_function_name"] == {"f": ["t"]}
+
+
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is not here (mutmut runs the tests from its copy)")
+def test_the_committed_results_come_back_in_a_fresh_clone_only_where_their_function_is_unchanged(tmp_path,
+                                                                                                 monkeypatch):
+    """A run outlives a session: its results go to the ledger, and a clone without mutants/ reads them back, for
+    the functions whose source is as it was; a changed function's mutants are unrun again, and so is everything
+    when the mutation settings change (the mutants are renumbered)."""
+    pytest.importorskip("mutmut")
+    from mutmut.mutation.file_mutation import mutate_file_contents
+
+    script = load_script()
+    for name, value in (("REPO", tmp_path), ("LEDGER", tmp_path / "benchmarks" / "mutation_results.json"),
+                        ("STAMP", tmp_path / "mutants" / "elbox-mutation-config.json")):
+        monkeypatch.setattr(script, name, value)
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "pyproject.toml").write_text('[tool.mutmut]\nsource_paths = ["src/pkg"]\nonly_mutate = ["src/pkg/*"]\n')
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    source = tmp_path / "src" / "pkg" / "mod.py"
+    source.write_text("def f(x):\n    return x + 1\n\n\ndef g(x):\n    return x * 2\n")
+    monkeypatch.chdir(tmp_path)
+    mutated = mutate_file_contents("src/pkg/mod.py", source.read_text())
+    names = [f"pkg.mod.{n}" for n in mutated.mutant_names]
+    f_names, g_names = [n for n in names if ".x_f__" in n], [n for n in names if ".x_g__" in n]
+    assert f_names and g_names
+    # what mutmut leaves in mutants/ after a partial run: f's mutants decided, g's first one killed, the rest unrun
+    codes = {n: (1 if n in f_names[:1] + g_names[:1] else 0 if n in f_names else None) for n in names}
+    meta = tmp_path / "mutants" / "src" / "pkg" / "mod.py.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"exit_code_by_key": codes, "hash_by_function_name": mutated.hash_by_function_name,
+                                "type_check_error_by_key": {}, "durations_by_key": {},
+                                "estimated_durations_by_key": {}}))
+    decided = {n: c for n, c in codes.items() if c is not None}
+    assert script.save_ledger() == len(decided)
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "mutants")  # a fresh clone
+    assert script.results_from_ledger() == {"src/pkg/mod.py": codes}
+    assert script.load_results() == {}
+    assert script.restore_ledger() == len(decided)  # mutmut's cache seeded, as mutmut itself would have left it
+    restored = json.loads(meta.read_text())
+    assert restored["exit_code_by_key"] == decided and set(restored["hash_by_function_name"]) == {"x_f", "x_g"}
+    assert script.restore_ledger() == 0  # a cache that is there is never overwritten
+    assert script.save_ledger() == len(decided)  # nor is a saved result lost by saving again
+    meta.write_text(json.dumps({**restored, "exit_code_by_key": dict.fromkeys(names)}))  # an older cache, unrun
+    assert script.save_ledger() == len(decided)  # the ledger's results stay, its function being the same
+
+    source.write_text("def f(x):\n    return x + 1\n\n\ndef g(x):\n    return x * 3\n")  # g changed
+    assert script.results_from_ledger() == {"src/pkg/mod.py": {n: decided.get(n) if n in f_names else None
+                                                                for n in names}}
+    (tmp_path / "pyproject.toml").write_text('[tool.mutmut]\nsource_paths = ["src/pkg"]\nonly_mutate = ["src/pkg/*"]\n'
+                                             'do_not_mutate_patterns = ["x \\\\+ 1"]\n')
+    shutil.rmtree(tmp_path / "mutants")
+    assert script.restore_ledger() == 0  # other settings: the numbers may mean other mutants
+    assert all(c is None for c in script.results_from_ledger()["src/pkg/mod.py"].values())
