@@ -9,7 +9,8 @@ non-equivalent mutants that were killed, as JSON lines and a table.
                                                # kept in mutation_results.json), report
     python benchmarks/mutation.py --report     # only report the last run's results
     python benchmarks/mutation.py --survivors  # also print each surviving mutant's diff
-    python benchmarks/mutation.py --only 'elbox.samplers.*'   # (re)run some mutants, by name pattern
+    python benchmarks/mutation.py --only 'elbox.samplers.*'   # run some mutants, by name pattern
+    python benchmarks/mutation.py --rerun --only NAME ...      # run them again though they have a result
     python benchmarks/mutation.py --retime     # first time the tests afresh (see retime()), then run
     python benchmarks/mutation.py --check-equivalents         # has any listed mutant changed since it was read?
     python benchmarks/mutation.py --record-equivalents        # after reading them: pin the listed mutants' changes
@@ -172,7 +173,8 @@ def results_from_ledger() -> dict[str, dict[str, int | None]]:
         os.chdir(cwd)
 
 
-def run_mutmut(children: int, only: list[str]) -> None:
+def run_mutmut(children: int, names: list[str]) -> None:
+    """Run mutmut on the named mutants (see mutants_to_run)."""
     forget_results_of_other_settings()
     seeded = restore_ledger()
     if seeded:
@@ -180,9 +182,23 @@ def run_mutmut(children: int, only: list[str]) -> None:
     # the folder must exist before Python starts: a PYTHONPATH entry missing at start-up is cached as "nothing here"
     (REPO / "mutants" / "src").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "mutants" / "src")}
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *only], cwd=REPO,
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names], cwd=REPO,
                    env=env, check=False)
     print(f"{save_ledger()} results in {LEDGER.name}", file=sys.stderr)
+
+
+def mutants_to_run(current: dict[str, dict[str, int | None]], equivalent: dict[str, str], patterns: list[str],
+                   rerun: bool) -> list[str]:
+    """The mutants a run tests: those without a result (or, with ``rerun``, all) whose names match ``patterns``
+    (all when none), less the listed ones. mutmut is given their names, because it re-runs every mutant it is
+    named even when it has a result. A listed mutant is not run: it is out of the score either way, and a mutant
+    no CPU test kills costs all the tests that reach its function (minutes each; ~190 of them were hours of a run).
+    That its entry still names the change that was read is checked without running it (--check-equivalents)."""
+    import fnmatch
+
+    return [name for codes in current.values() for name, code in codes.items()
+            if (rerun or code is None) and name not in equivalent
+            and (not patterns or any(fnmatch.fnmatch(name, p) for p in patterns))]
 
 
 STATS = REPO / "mutants" / "mutmut-stats.json"
@@ -299,6 +315,8 @@ def main() -> None:
     ap.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     ap.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
                     help="run only the mutants whose names match (fnmatch), e.g. 'elbox.samplers.*'")
+    ap.add_argument("--rerun", action="store_true",
+                    help="also run the selected mutants that have a result (a timeout on a busy machine, say)")
     ap.add_argument("--check-equivalents", action="store_true",
                     help=f"only check that each entry of {EQUIVALENT.name} still names the change that was read")
     ap.add_argument("--record-equivalents", action="store_true",
@@ -327,7 +345,14 @@ def main() -> None:
             sys.exit(f"{STATS} is not there yet: run once without --retime first")
         print(f"retimed {retime(STATS, measure_test_durations())} tests in {STATS.name}", file=sys.stderr)
     if not args.report:
-        run_mutmut(args.children, args.only)
+        if (REPO / "mutants").exists():
+            save_ledger()  # this machine's cache first, so the ledger knows every result
+        names = mutants_to_run(results_from_ledger(), equivalent, args.only, args.rerun)
+        if names:
+            print(f"{len(names)} mutants to run", file=sys.stderr)
+            run_mutmut(args.children, names)
+        else:
+            print("every selected mutant has a result (--rerun to run them again)", file=sys.stderr)
     results = load_results()
     if results:
         print(f"{save_ledger()} results in {LEDGER.name}", file=sys.stderr)
@@ -376,7 +401,7 @@ def main() -> None:
     timed_out = sorted(n for codes in results.values() for n, c in codes.items() if c in TIMED_OUT and n not in equivalent)
     if timed_out:
         print(f"\n{len(timed_out)} of the killed timed out (a busy or paused machine makes false timeouts; on a quiet "
-              f"one, re-run them: --only NAME ...): {timed_out[:5]}")
+              f"one, re-run them: --rerun --only NAME ...): {timed_out[:5]}")
     stale = sorted(set(equivalent) - {n for codes in results.values() for n in codes})
     if stale:
         print(f"\n{len(stale)} entries of {EQUIVALENT.name} name no current mutant (the code moved): {stale[:5]}")
