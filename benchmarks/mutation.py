@@ -189,15 +189,16 @@ def run_mutmut(children: int, names: list[str]) -> None:
 
 def mutants_to_run(current: dict[str, dict[str, int | None]], equivalent: dict[str, str], patterns: list[str],
                    rerun: bool) -> list[str]:
-    """The mutants a run tests: those without a result (or, with ``rerun``, all) whose names match ``patterns``
-    (all when none), less the listed ones. mutmut is given their names, because it re-runs every mutant it is
-    named even when it has a result. A listed mutant is not run: it is out of the score either way, and a mutant
+    """The mutants a run tests: those without a result, and the survivors (a new test may kill one; one that is
+    equivalent must be listed), or with ``rerun`` all of them, whose names match ``patterns`` (all when none), less
+    the listed ones. mutmut is given their names, because it re-runs every mutant it is named even when it has a
+    result. A listed mutant is not run: it is out of the score either way, and a mutant
     no CPU test kills costs all the tests that reach its function (minutes each; ~190 of them were hours of a run).
     That its entry still names the change that was read is checked without running it (--check-equivalents)."""
     import fnmatch
 
     return [name for codes in current.values() for name, code in codes.items()
-            if (rerun or code is None) and name not in equivalent
+            if (rerun or code is None or code in SURVIVED) and name not in equivalent
             and (not patterns or any(fnmatch.fnmatch(name, p) for p in patterns))]
 
 

@@ -122,6 +122,18 @@ def test_a_save_that_cannot_make_its_folder_is_one_line_and_leaves_what_is_there
     assert (run / "checkpoints").read_text() == "mine"
 
 
+def test_a_save_that_fails_for_another_reason_than_a_full_disk_gives_the_systems_reason(tmp_path):
+    """Only ENOSPC/EDQUOT/EFBIG are called a full disk; any other failure (here ``checkpoints`` is a user's file)
+    is named as the system names it, so a user is not sent to free disk space that is not the problem."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("mine")
+    with pytest.raises(UserError) as e:
+        save(run, 3)
+    assert str(e.value) == (f"could not save checkpoint {run / 'checkpoints' / 'step-0000003'}: File exists; "
+                            "no earlier checkpoint exists")
+
+
 def test_clearing_leftovers_is_best_effort_and_never_fails_a_save(tmp_path):
     """A dot-leftover the clean-up cannot remove (here a file, where it expects an interrupted save's folder) is left
     alone: the save it follows has succeeded and says so."""

@@ -165,10 +165,16 @@ def test_the_committed_results_come_back_in_a_fresh_clone_only_where_their_funct
 @pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/ is not here (mutmut runs the tests from its copy)")
 def test_a_run_names_only_the_unrun_unlisted_mutants_since_mutmut_reruns_every_mutant_it_is_named():
     script = load_script()
-    current = {"src/a.py": {"a.x_f__mutmut_1": 1, "a.x_f__mutmut_2": None, "a.x_f__mutmut_3": None},
-               "src/b.py": {"b.x_g__mutmut_1": None, "b.x_g__mutmut_2": 0}}
-    listed = {"a.x_f__mutmut_3": "equivalent"}
-    assert script.mutants_to_run(current, listed, [], rerun=False) == ["a.x_f__mutmut_2", "b.x_g__mutmut_1"]
-    assert script.mutants_to_run(current, listed, ["b.*"], rerun=False) == ["b.x_g__mutmut_1"]
-    assert script.mutants_to_run(current, listed, ["b.*"], rerun=True) == ["b.x_g__mutmut_1", "b.x_g__mutmut_2"]
+    """Run: the unrun and the survivors (a new test may kill one). Not run: the killed (and timed out) unless asked
+    to, and the listed ones ever."""
+    killed, survived, timed_out = 1, 0, next(iter(script.TIMED_OUT))
+    current = {"src/a.py": {"a.x_f__mutmut_1": killed, "a.x_f__mutmut_2": None, "a.x_f__mutmut_3": None},
+               "src/b.py": {"b.x_g__mutmut_1": None, "b.x_g__mutmut_2": timed_out, "b.x_g__mutmut_3": survived,
+                            "b.x_g__mutmut_4": survived}}
+    listed = {"a.x_f__mutmut_3": "equivalent", "b.x_g__mutmut_4": "equivalent"}
+    assert script.mutants_to_run(current, listed, [], rerun=False) == ["a.x_f__mutmut_2", "b.x_g__mutmut_1",
+                                                                        "b.x_g__mutmut_3"]
+    assert script.mutants_to_run(current, listed, ["b.*"], rerun=False) == ["b.x_g__mutmut_1", "b.x_g__mutmut_3"]
+    assert script.mutants_to_run(current, listed, ["b.*"], rerun=True) == ["b.x_g__mutmut_1", "b.x_g__mutmut_2",
+                                                                           "b.x_g__mutmut_3"]
     assert script.mutants_to_run(current, listed, ["a.x_f__mutmut_3"], rerun=True) == []
