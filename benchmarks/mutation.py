@@ -94,11 +94,16 @@ def forget_results_of_other_settings() -> None:
 LEDGER = REPO / "benchmarks" / "mutation_results.json"
 
 
+def ledger_files() -> dict:
+    """The ledger's results by source file; none when it was made under other mutation settings (renumbered)."""
+    ledger = json.loads(LEDGER.read_text()) if LEDGER.is_file() else {}
+    return ledger.get("files", {}) if ledger.get("settings") == mutation_settings() else {}
+
+
 def save_ledger() -> int:
     """Add every decided result in mutants/ to the ledger, and keep the ledger's others where their function is
     unchanged (a file without a cache keeps its entry); returns how many results the ledger holds."""
-    ledger = json.loads(LEDGER.read_text()) if LEDGER.is_file() else {}
-    files = ledger.get("files", {}) if ledger.get("settings") == mutation_settings() else {}
+    files = ledger_files()
     for meta in sorted((REPO / "mutants").rglob("*.py.meta")):
         path = meta.relative_to(REPO / "mutants").as_posix()[: -len(".meta")]
         data = json.loads(meta.read_text())
@@ -124,13 +129,11 @@ def _function(mutant: str) -> str:
 def restore_ledger() -> int:
     """Seed mutmut's cache with the ledger's results, for each file that has no cache yet (a fresh clone); mutmut
     then keeps those whose function is unchanged and runs the rest. Returns how many results were seeded."""
-    ledger = json.loads(LEDGER.read_text()) if LEDGER.is_file() else {}
-    if ledger.get("settings") != mutation_settings():
-        if ledger:
-            print(f"{LEDGER.name} was made under other mutation settings: not used", file=sys.stderr)
-        return 0
+    files = ledger_files()
+    if LEDGER.is_file() and not files:
+        print(f"{LEDGER.name} holds no results made under these mutation settings: not used", file=sys.stderr)
     seeded = 0
-    for path, entry in ledger["files"].items():
+    for path, entry in files.items():
         meta = REPO / "mutants" / (path + ".meta")
         if meta.exists():
             continue
@@ -149,8 +152,7 @@ def results_from_ledger() -> dict[str, dict[str, int | None]]:
     from mutmut.mutation.file_mutation import mutate_file_contents
     from mutmut.utils.format_utils import get_mutant_name
 
-    ledger = json.loads(LEDGER.read_text()) if LEDGER.is_file() else {}
-    files = ledger.get("files", {}) if ledger.get("settings") == mutation_settings() else {}
+    files = ledger_files()
     cwd = os.getcwd()
     os.chdir(REPO)  # mutmut reads its settings (the patterns not to mutate) from ./pyproject.toml
     try:
