@@ -74,3 +74,29 @@ def test_two_processes_match_one_resume_and_agree_on_ema(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", str(two), "--steps", "9"]) == 2
     assert "written by 2 process(es)" in capsys.readouterr().err
+
+
+def test_a_nan_on_one_process_skips_the_step_on_every_process_and_names_the_other_batch(tmp_path):
+    """With --on-nonfinite skip, a NaN in one process's half of the batch skips the update on all of them (their
+    weights stay equal), and rank 0, whose own half was finite, logs that the NaN was in another process's batch."""
+    from ddp_one_rank_nan import run
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(one)  # one process: the NaN is in its own batch, and is named by its term
+    script = Path(__file__).with_name("ddp_one_rank_nan.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(script), str(two)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+
+    def skipped(run: Path) -> list[tuple[int, str]]:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["nonfinite"]) for r in rows if "nonfinite" in r]
+
+    assert skipped(one) == [(3, "the prior term L_T")]
+    assert skipped(two) == [(3, "the batch of another process")]
+    for step in (2, 3, 4):
+        digests = json.loads((checkpoint(two, step) / "manifest.json").read_text())["rank_digests"]
+        assert digests["0"] == digests["1"], (step, digests)
+    assert max_abs_diff(checkpoint(two, 2), checkpoint(two, 3), "model") == 0.0  # step 3's update was skipped
+    assert max(max_abs_diff(checkpoint(one, 4), checkpoint(two, 4), name) for name in ("model", "ema")) < 1e-5

@@ -1,0 +1,33 @@
+"""Run by tests/test_train_ddp.py under torchrun: a DDPM whose prior term is NaN on step 3 on the last process
+only (with one process, that process), trained with --on-nonfinite skip. Not a test file itself."""
+
+import os
+import sys
+from pathlib import Path
+
+from elbox.config import MODELS, DataConfig, RunConfig, TrainConfig
+from elbox.objectives.ddpm import DDPM, DDPMConfig
+from elbox.training.loop import train
+
+
+class LastRankNaN(DDPM):
+    def losses(self, x, *, step=0):
+        terms = super().losses(x, step=step)
+        if step == 2 and int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
+            terms.terms["prior"] = terms.terms["prior"] * float("nan")
+        return terms
+
+
+def run(out: Path) -> None:
+    MODELS["last-rank-nan"] = (DDPMConfig, LastRankNaN)
+    # no dropout: two processes then train as one (see test_train_ddp.py), so the skipped step is the only difference
+    cfg = RunConfig(model="last-rank-nan", model_config=DDPMConfig(net="micro", timesteps=20, dropout=0.0),
+                    data=DataConfig(),
+                    train=TrainConfig(steps=4, batch_size=16, num_samples=4, final_eval_examples=0, quiet=True,
+                                      log_every=1, checkpoint_every=1, keep_checkpoints=10, on_nonfinite="skip",
+                                      device="cpu"))
+    train(cfg, out)
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]))
