@@ -220,6 +220,14 @@ def test_grad_clip_scales_the_sgd_update_to_the_clip_norm():
     assert_same_update(update, -g, model)
 
 
+def test_a_step_frees_its_gradients_instead_of_keeping_zeros():
+    """After the update the gradients are set to None, not zero-filled: between steps (sampling, the held-out
+    bound, a checkpoint) their memory, one copy of the weights, is given back; the next backward makes them anew."""
+    model = fresh_model(tiny())
+    sgd_step(tiny(), model, digits_batch())
+    assert [name for name, p in model.named_parameters() if p.grad is not None] == []
+
+
 @pytest.mark.parametrize("kind", ["ddpm", "vae"])
 def test_grad_accumulation_gives_the_full_batch_mean_gradient(kind):
     batch = digits_batch()
