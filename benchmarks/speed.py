@@ -98,7 +98,7 @@ def build_elbox(width: int, batch: int, precision: str, compile_: bool, device: 
     def step():
         train_step(run.step, next(batches), t=cfg.train, model=run.model, loss_module=run.loss_module,
                    optimizer=run.optimizer, scaler=run.scaler, ema=run.ema, info=info, micro_rows=run.micro_rows,
-                   stop_received=False)
+                   stop_requested=lambda: False)
         run.step += 1
 
     def sample(n: int, steps: int):

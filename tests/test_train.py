@@ -5,9 +5,11 @@ Faults that need a real process (SIGKILL, signals, a full disk) are in test_trai
 test_train_ddp.py.
 """
 
+import dataclasses
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -237,6 +239,8 @@ class FlakyDDPM(DDPM):
         elif self.bad.get(step) == "grad":  # d/dw sqrt(|w - w|) at 0: the loss stays finite, the gradient does not
             w = next(self.net.parameters())
             terms.loss = terms.loss + (w - w.detach()).abs().sqrt().sum()
+        elif self.bad.get(step) == "sigint":  # not a NaN: Ctrl-C arrives while this step runs
+            os.kill(os.getpid(), signal.SIGINT)
         return terms
 
 
@@ -259,6 +263,19 @@ def test_nonfinite_stops_naming_step_and_term_and_keeps_the_last_checkpoint(monk
     assert ckpt.latest_checkpoint(run).name == "step-0000002"
     ckpt.load_checkpoint(run)
     assert metrics(run)[-1] == {"step": 3, "nonfinite": where, "stopped": True}
+
+
+def test_a_sigint_during_a_step_stops_the_run_after_it_with_a_checkpoint(monkeypatch, tmp_path):
+    """In-process (the subprocess tests in test_train_faults.py send real signals from outside): Ctrl-C during step 3
+    is caught, step 3 finishes, is saved, and the run stops there, drawing no samples; the handlers are given back."""
+    cfg, run = flaky_run(monkeypatch, tmp_path, {2: "sigint"}, steps=6)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=10))
+    before = signal.getsignal(signal.SIGINT)
+    result = train(cfg, run)
+    assert result.stopped_by == "SIGINT" and result.step == 3
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-0000003"]
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3] and not (run / "samples.png").exists()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_nonfinite_batches_are_skipped_and_counted(monkeypatch, tmp_path):

@@ -81,7 +81,7 @@ def sgd_step(cfg: RunConfig, model, batch: torch.Tensor, step: int = 0):
     outcome = train_step(step, batch, t=t, model=model, loss_module=LossModule(model),
                          optimizer=torch.optim.SGD(model.parameters(), lr=t.lr),
                          scaler=torch.amp.GradScaler("cpu", enabled=False), ema=None, info=ONE_CPU,
-                         micro_rows=micro_rows(t, ONE_CPU), stop_received=False)
+                         micro_rows=micro_rows(t, ONE_CPU), stop_requested=lambda: False)
     return flat(model.parameters()) - before, outcome
 
 

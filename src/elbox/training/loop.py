@@ -40,6 +40,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,7 @@ def _loop(run: Run) -> _LoopEnd:  # pragma: no mutate block
             while run.step < t.steps:
                 done = train_step(run.step, next(batches), t=t, model=run.model, loss_module=run.loss_module,
                                   optimizer=run.optimizer, scaler=run.scaler, ema=run.ema, info=info,
-                                  micro_rows=run.micro_rows, stop_received=stop.received is not None)
+                                  micro_rows=run.micro_rows, stop_requested=stop.requested)
                 in_a_row = in_a_row + 1 if done.nonfinite is not None else 0
                 if done.nonfinite is not None:
                     _on_nonfinite(run, done.nonfinite, log.metrics, in_a_row)  # stops, or counts a skipped update
@@ -312,7 +313,7 @@ class StepOutcome:
 
 def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOModel, loss_module: nn.Module,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema: EMA | None, info: DistInfo,
-               micro_rows: list[torch.Tensor], stop_received: bool) -> StepOutcome:
+               micro_rows: list[torch.Tensor], stop_requested: Callable[[], bool]) -> StepOutcome:
     """One optimizer step on this rank's share ``batch`` (uint8) of the step's global batch: learning-rate
     warm-up, forward and backward over the micro-batches, clipping, the NaN/Inf check, the update and the EMA."""
     lr = learning_rate(step, t)
@@ -335,13 +336,14 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
 
     # One check (and, under torchrun, one tiny all-reduce) per step: NaN/Inf here or on any rank, and a stop
-    # signal on any rank. fp16's gradient overflows are the grad scaler's to handle.
+    # signal on any rank, read now: one that arrived during this step stops the run after it, not after the next.
+    # fp16's gradient overflows are the grad scaler's to handle.
     total = sum(tm.loss.detach().sum() + tm.nll.detach().sum() for tm in terms_seen)  # NaN/Inf spreads
     finite = torch.isfinite(total)
     if t.precision != "fp16":
         finite = finite & torch.isfinite(grad_norm)
     bad_here = not bool(finite)
-    bad, stop_now = any_rank([bad_here, stop_received], info)
+    bad, stop_now = any_rank([bad_here, stop_requested()], info)
     nonfinite = None
     if bad:
         nonfinite = _nonfinite_where(terms_seen) if bad_here else "the batch of another process"
@@ -401,6 +403,9 @@ class _StopSignal:  # pragma: no mutate block
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def requested(self) -> bool:
+        return self.received is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is None:
