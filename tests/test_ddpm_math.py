@@ -10,7 +10,7 @@ from torch import nn
 from elbox.errors import UserError
 from elbox.objectives.ddpm import DDPM, DDPMConfig
 from elbox.objectives.diffusion import GaussianDiffusion, beta_schedule
-from elbox.objectives.gaussian import discretized_gaussian_log_likelihood, normal_kl
+from elbox.objectives.gaussian import discretized_gaussian_log_likelihood, log_normal_interval, normal_kl
 from elbox.samplers import ancestral_sample, ddim_sample, ddim_timesteps
 
 
@@ -97,6 +97,32 @@ def test_discretized_gaussian_gradients_stay_finite_far_in_the_tails():
     discretized_gaussian_log_likelihood(grid, mean, torch.full((256,), -6.0)).sum().backward()
     assert torch.isfinite(mean.grad).all()
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_discretized_gaussian_answers_in_the_inputs_dtype_though_it_works_in_float64(dtype):
+    grid = (torch.arange(256, dtype=torch.float64) / 127.5 - 1.0).to(dtype)
+    mean, log_scale = torch.zeros(256, dtype=dtype), torch.full((256,), -3.0, dtype=dtype)
+    logp = discretized_gaussian_log_likelihood(grid, mean, log_scale)
+    assert logp.dtype == dtype
+    lo, hi = torch.tensor([-1.0, 0.5], dtype=dtype), torch.tensor([1.0, 2.0], dtype=dtype)
+    assert log_normal_interval(lo, hi).dtype == dtype
+
+
+def test_a_bin_too_narrow_for_float64_gets_a_finite_log_probability_not_minus_infinity():
+    """With sigma = e^40 a pixel's bin spans ~1e-20 standard deviations: Phi(hi) and Phi(lo) round to the same
+    float64 and their difference to 0. The clamp keeps log P finite (a floor of log 1e-30 below log Phi(hi)), so one
+    such pixel cannot put -inf, and then NaN gradients, into a loss."""
+    x = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    log_scale = torch.full((2,), 40.0, dtype=torch.float64, requires_grad=True)
+    logp = discretized_gaussian_log_likelihood(x, torch.zeros(2, dtype=torch.float64), log_scale)
+    assert torch.isfinite(logp).all()
+    assert logp.max().item() < math.log(1e-20)  # far below any resolvable bin: a floor, not a probability
+    logp.sum().backward()
+    assert torch.isfinite(log_scale.grad).all()
+    same = torch.tensor([0.3], dtype=torch.float64)  # lo = hi > 0: reflected, log Phi(-0.3) + log 1e-30
+    floor = math.log(0.5 * math.erfc(0.3 / math.sqrt(2))) + math.log(1e-30)
+    assert log_normal_interval(same, same).item() == pytest.approx(floor, rel=1e-12)
 
 class GaussianOracle(nn.Module):
     """The optimal reverse process for data x_0 ~ N(mu, s^2 I): everything is jointly Gaussian, so

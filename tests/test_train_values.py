@@ -344,3 +344,17 @@ def test_optimizer_state_round_trips_through_tensors_and_json():
         for key, value in per_param.items():
             got = back["state"][idx][key]
             assert torch.equal(got, value) if torch.is_tensor(value) else got == value, (idx, key)
+
+
+def test_binarizing_draws_one_exactly_where_the_uniform_is_below_the_intensity(monkeypatch):
+    """x = 1[u < p], p = intensity / 255, u in [0, 1) (torch.rand's range): at the edge draws u = 0 and u = 1 - 2^-24,
+    a black pixel (p = 0) stays 0 and a white one (p = 1) stays 1, so neither flips ever, not once in 2^24 draws."""
+    from elbox.training.loop import _to_model
+
+    x = torch.tensor([[[[0, 1, 128, 254, 255]]]], dtype=torch.uint8)
+    for u, expected in ((0.0, [0, 1, 1, 1, 1]), (1.0 - 2.0**-24, [0, 0, 0, 0, 1])):
+        monkeypatch.setattr(draws, "rand_like", lambda p, u=u: torch.full_like(p, u))
+        out = _to_model(x, "binary", channels_last=False)
+        assert out.dtype == torch.float32
+        assert out.flatten().tolist() == expected, u
+
