@@ -10,7 +10,7 @@ from torch import nn
 from elbox.errors import UserError
 from elbox.objectives.ddpm import DDPM, DDPMConfig
 from elbox.objectives.diffusion import GaussianDiffusion, beta_schedule
-from elbox.objectives.gaussian import discretized_gaussian_log_likelihood, log_normal_interval, normal_kl
+from elbox.objectives.gaussian import discretized_gaussian_log_likelihood, log1mexp, log_normal_interval, normal_kl
 from elbox.samplers import ancestral_sample, ddim_sample, ddim_timesteps
 
 
@@ -123,6 +123,20 @@ def test_a_bin_too_narrow_for_float64_gets_a_finite_log_probability_not_minus_in
     same = torch.tensor([0.3], dtype=torch.float64)  # lo = hi > 0: reflected, log Phi(-0.3) + log 1e-30
     floor = math.log(0.5 * math.erfc(0.3 / math.sqrt(2))) + math.log(1e-30)
     assert log_normal_interval(same, same).item() == pytest.approx(floor, rel=1e-12)
+
+
+def test_log1mexp_is_accurate_to_a_few_float64_ulps_across_its_whole_range():
+    """log(1 - e^a) against 400-digit decimal arithmetic, from a = -1e-15 (where log1p(-e^a) loses every digit to
+    e^a rounding to 1) through the switch at -log 2 to -700 (where log(-expm1(a)) rounds to log 1 = 0)."""
+    from decimal import Decimal, localcontext
+
+    a = -torch.logspace(-15, math.log10(700.0), 150, dtype=torch.float64)
+    a = torch.cat([a, torch.tensor([-math.log(2.0)], dtype=torch.float64)])
+    with localcontext() as ctx:
+        ctx.prec = 400  # e^-700 ~ 1e-304: 1 - e^a needs 320 digits to keep 16 of e^a
+        ref = torch.tensor([float((1 - Decimal(v).exp()).ln()) for v in a.tolist()], dtype=torch.float64)
+    ours = log1mexp(a)
+    torch.testing.assert_close(ours, ref, rtol=4 * torch.finfo(torch.float64).eps, atol=0.0)
 
 class GaussianOracle(nn.Module):
     """The optimal reverse process for data x_0 ~ N(mu, s^2 I): everything is jointly Gaussian, so
