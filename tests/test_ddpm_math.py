@@ -98,7 +98,6 @@ def test_discretized_gaussian_gradients_stay_finite_far_in_the_tails():
     assert torch.isfinite(mean.grad).all()
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_the_discretized_gaussian_answers_in_the_inputs_dtype_though_it_works_in_float64(dtype):
     grid = (torch.arange(256, dtype=torch.float64) / 127.5 - 1.0).to(dtype)
@@ -137,6 +136,7 @@ def test_log1mexp_is_accurate_to_a_few_float64_ulps_across_its_whole_range():
         ref = torch.tensor([float((1 - Decimal(v).exp()).ln()) for v in a.tolist()], dtype=torch.float64)
     ours = log1mexp(a)
     torch.testing.assert_close(ours, ref, rtol=4 * torch.finfo(torch.float64).eps, atol=0.0)
+
 
 class GaussianOracle(nn.Module):
     """The optimal reverse process for data x_0 ~ N(mu, s^2 I): everything is jointly Gaussian, so

@@ -357,4 +357,3 @@ def test_binarizing_draws_one_exactly_where_the_uniform_is_below_the_intensity(m
         out = _to_model(x, "binary", channels_last=False)
         assert out.dtype == torch.float32
         assert out.flatten().tolist() == expected, u
-
