@@ -303,6 +303,19 @@ def test_importance_sampling_uses_the_loss_history():
     assert float((w * losses[t]).mean()) == pytest.approx(float(losses.sum()), rel=0.05)
 
 
+def test_timesteps_and_their_weights_land_on_the_requested_device_not_on_the_default_device():
+    # torch.set_default_device("cuda") with a model kept on the CPU: t and the weights must stay on the CPU;
+    # "meta" stands in for the GPU as the default device here
+    d = make_diffusion(T=20, loss_type="vlb", var_type="fixed_small", timestep_sampler="importance")
+    cpu = torch.device("cpu")
+    for sampler in ("uniform", "importance"):  # uniform until every t has 10 values
+        with torch.device("meta"):
+            t, w = d.sample_timesteps(8, cpu)
+        assert (t.device, w.device) == (cpu, cpu) and bool((w == 20).all()) == (sampler == "uniform"), sampler
+        for _ in range(10):
+            d.update_loss_history(torch.arange(20), torch.arange(1.0, 21.0, dtype=torch.float64))
+
+
 def test_the_loss_history_keeps_the_last_ten_values_of_each_step_in_order():
     d = make_diffusion(T=3, loss_type="vlb", var_type="fixed_small", timestep_sampler="importance")
     for value in range(1, 14):  # 13 values for t = 1, 2 for t = 0

@@ -2,6 +2,8 @@
 ``global_batch``, a draw for the whole global batch from a seeded stream, of which each micro-batch keeps its rows;
 through a generator, the same numbers on any device and at any precision."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -58,3 +60,15 @@ def test_seeded_draws_keep_the_requested_dtype_and_shape():
         # drawn in float32 and cast: the same numbers as a float32 draw
         assert torch.equal(x, ref((2, 3), generator=torch.Generator().manual_seed(1)).double())
         assert fn(None, [4], "cpu").dtype == torch.float32
+
+
+def test_a_draw_lands_on_its_inputs_device_not_on_the_default_device():
+    # torch.set_default_device("cuda") with a model kept on the CPU must still get CPU noise; "meta" stands in for
+    # the GPU as the default device here, so any draw that forgets its device comes out on it
+    x, rows, probs, cpu = LIKE[:2], torch.tensor([1, 4]), torch.tensor([0.1, 0.2, 0.7]), torch.device("cpu")
+    with torch.device("meta"):
+        for where, scope in (("outside", contextlib.nullcontext()), ("inside", draws.global_batch(123, rows, TOTAL))):
+            with scope:
+                got = {"randn_like": draws.randn_like(x), "rand_like": draws.rand_like(x),
+                       "randint": draws.randint(9, 2, cpu), "multinomial": draws.multinomial(probs, 2)}
+            assert {name: d.device for name, d in got.items()} == dict.fromkeys(got, cpu), where
