@@ -334,3 +334,20 @@ def test_a_ddpm_on_the_cpu_computes_on_the_cpu_whatever_the_default_device(kind,
     for name, value in got.items():
         assert value.device == torch.device("cpu"), name
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("loss", ["vlb", "hybrid", "simple"])
+def test_a_float32_ddpm_keeps_its_training_terms_and_loss_in_float32(loss):
+    # the schedule's buffers are float64 (for the bound's precision), but what a training step computes comes back
+    # in the data's dtype: a float64 term would turn the loss, and its backward pass, into float64 arithmetic
+    model = DDPM(DDPMConfig(data_kind="8bit", net="micro", timesteps=5, loss=loss,
+                            var_type="fixed_large" if loss == "simple" else "learned"), (1, 8, 8))
+    x = torch.randint(0, 256, (3, 1, 8, 8), generator=torch.Generator().manual_seed(1)).float() / 127.5 - 1
+    with draws.global_batch(0, torch.arange(len(x)), len(x)):
+        trained = model.losses(x, step=0)
+    with draws.global_batch(0, torch.arange(len(x)), len(x)):
+        estimate = model.bound_estimate(x)
+    dtypes = {f"{name}/{k}": v.dtype for name, terms in (("losses", trained), ("bound_estimate", estimate))
+              for k, v in {**terms.terms, "loss": terms.loss, **terms.extras}.items()}
+    assert set(dtypes.values()) == {torch.float32}, dtypes
+    assert model.diffusion.prior_kl(x).dtype == torch.float32
