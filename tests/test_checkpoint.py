@@ -325,3 +325,29 @@ def test_the_ema_follows_its_formula_with_warm_up_and_copies_buffers():
         torch.testing.assert_close(ema.model.weight, shadow, rtol=1e-6, atol=1e-6)
         assert torch.equal(ema.model.running_mean, model.running_mean)
     assert not torch.equal(ema.model.weight, model.weight)
+
+
+def test_a_lone_damaged_checkpoint_is_refused_without_naming_one_before_it(tmp_path):
+    run = tmp_path / "run"
+    path = save(run, 1)
+    _damage(path, "file-changed")
+    with pytest.raises(UserError) as direct:
+        ckpt.read_manifest(path)
+    with pytest.raises(UserError) as latest:
+        ckpt.latest_checkpoint(run)
+    assert str(latest.value) == str(direct.value)  # nothing to go back to: the damage, and no hint
+
+
+def test_a_manifest_verifies_whatever_the_order_of_its_keys(tmp_path):
+    # the checksum is of the manifest's content, not of its layout: a manifest rewritten with its keys in another
+    # order (by a JSON tool, or a writer that orders them otherwise) is the same manifest
+    path = save(tmp_path / "run", 3)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+
+    def reorder(value):
+        return {k: reorder(value[k]) for k in reversed(list(value))} if isinstance(value, dict) else value
+
+    (path / ckpt.MANIFEST).write_text(json.dumps(reorder(manifest), indent=2))
+    assert list(json.loads((path / ckpt.MANIFEST).read_text())) == list(reversed(list(manifest)))
+    assert ckpt.read_manifest(path) == manifest
+    assert ckpt.latest_checkpoint(tmp_path / "run") == path
