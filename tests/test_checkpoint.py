@@ -351,3 +351,15 @@ def test_a_manifest_verifies_whatever_the_order_of_its_keys(tmp_path):
     assert list(json.loads((path / ckpt.MANIFEST).read_text())) == list(reversed(list(manifest)))
     assert ckpt.read_manifest(path) == manifest
     assert ckpt.latest_checkpoint(tmp_path / "run") == path
+
+
+def test_checkpoints_are_listed_by_step_where_their_names_sort_otherwise(tmp_path):
+    """step-10000000 comes after step-9999999, though its name sorts first: the list, the latest checkpoint and
+    what pruning keeps follow the step."""
+    run = tmp_path / "run"
+    for step in (9_999_999, 10_000_000):
+        save(run, step)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-9999999", "step-10000000"]
+    assert ckpt.latest_checkpoint(run).name == "step-10000000"
+    save(run, 10_000_001, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-10000000", "step-10000001"]
