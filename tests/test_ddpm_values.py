@@ -316,7 +316,6 @@ def test_a_ddpm_on_the_cpu_computes_on_the_cpu_whatever_the_default_device(kind,
     # without a device there has no values, so any such tensor the math uses fails or shows here)
     model = DDPM(DDPMConfig(data_kind=kind, net="micro", timesteps=5, **kw), (1, 8, 8)).double()
     x = torch.randint(0, 256, (3, 1, 8, 8), generator=torch.Generator().manual_seed(1)).double() / 127.5 - 1
-
     rows = torch.arange(len(x))  # made here: the trainer hands the global batch's rows in from the CPU
 
     def everything():
@@ -325,8 +324,8 @@ def test_a_ddpm_on_the_cpu_computes_on_the_cpu_whatever_the_default_device(kind,
             loss = model.losses(x, step=0).loss
         trajectory = model.trajectory_log_weight(x, generator=torch.Generator().manual_seed(4))
         return {"nll": bound.nll, "prior": model.diffusion.prior_kl(x), "loss": loss, "trajectory": trajectory,
-                **{f"{sampler}": model.sample(2, generator=torch.Generator().manual_seed(2), sampler=sampler,
-                                              steps=steps) for sampler, steps in (("ancestral", None), ("ddim", 3))}}
+                **{sampler: model.sample(2, generator=torch.Generator().manual_seed(2), sampler=sampler,
+                                        steps=steps) for sampler, steps in (("ancestral", None), ("ddim", 3))}}
 
     expected = everything()
     with torch.device("meta"):
