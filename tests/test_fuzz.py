@@ -62,7 +62,7 @@ def mutated(draw, original):
     return doc
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def real_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("fuzz") / "run"
     assert main(["train", "--out", str(run), *TINY]) == 0

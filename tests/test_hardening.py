@@ -27,7 +27,7 @@ def one_line(capsys) -> str:
     return err[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("hardening") / "run"
     assert main(["train", "--out", str(run), *TINY]) == 0

@@ -297,7 +297,7 @@ def test_losses_carry_the_priors_loss_on_s_z_under_prefixed_names():
     assert terms.dims == 6 and prior.dims == 4
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vae_run(tmp_path_factory):
     from elbox.cli import main
 

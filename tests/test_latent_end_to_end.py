@@ -175,7 +175,7 @@ def test_training_an_inexact_encoder_end_to_end_tightens_the_bound_to_the_true_n
     assert torch.all(gap_after.abs() < 0.05 + 5 * se), (gap_before, gap_after, se)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vae_run(tmp_path_factory):
     from elbox.cli import main
 

@@ -18,7 +18,7 @@ TINY = ["--timesteps", "20", "--steps", "8", "--batch-size", "16", "--log-every"
         "--sample-every", "4", "--num-samples", "16", "--final-eval-examples", "32", "--quiet"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     ddpm, vae = root / "ddpm", root / "vae"

@@ -157,7 +157,7 @@ def test_progress_bar_shows_step_loss_speed_and_eta_and_quiet_hides_it(tmp_path,
 
 
 # ------------------------------------------------------------------------------------- checkpoints refused
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("trained") / "run"
     run_train("--out", run, *TINY, "--steps", "2", "--final-eval-examples", "0")

@@ -115,7 +115,7 @@ def assert_same_update(actual: torch.Tensor, expected: torch.Tensor, model) -> N
 EMA_DECAY = 0.3  # reached at the 3rd update: (1 + 3) / (10 + 3) > 0.3, so both the warm-up and the cap count
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ema_run(tmp_path_factory):
     """5 AdamW steps with a large lr (the weights move a lot), a checkpoint after every one."""
     cfg = tiny(steps=5, lr=1e-2, grad_clip=1.0, ema_decay=EMA_DECAY, checkpoint_every=1, keep_checkpoints=10)

@@ -17,7 +17,7 @@ from elbox.objectives.vae import VAE, VAEConfig
 SMALL = dict(latent_dim=8, hidden=(64,), conv_channels=(8, 16))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def digits() -> torch.Tensor:
     """The embedded 8x8 digits (training split) as uint8 (N, 1, 8, 8)."""
     from elbox.data import load_dataset
@@ -142,7 +142,7 @@ def test_bernoulli_with_zero_logits_costs_exactly_ln2_per_pixel_and_zero_kl(digi
 
 
 # ------------------------------------------------------------------------------------------- the IWAE bound
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_vae(digits) -> VAE:
     """A small MLP VAE after 150 Adam steps on the binarized digits: a posterior that is not the prior."""
     torch.manual_seed(0)
