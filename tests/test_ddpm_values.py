@@ -181,6 +181,19 @@ def test_reverse_variances_are_the_papers(var_type):
         assert torch.allclose(out["log_variance"][:, 0], torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
 
 
+@pytest.mark.parametrize("var_type", ["fixed_large", "fixed_small", "learned"])
+def test_the_reverse_step_hands_back_the_networks_prediction_without_its_variance_channels(var_type):
+    """p_mean_variance returns, as "model_output", what the network predicted for the mean (epsilon here): all
+    of its output, or with a learned variance its first C channels, the v channels split off."""
+    d = GaussianDiffusion(linear_schedule(10)[0], var_type=var_type,
+                          loss_type="hybrid" if var_type == "learned" else "simple").double()
+    x_t = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    channels = 4 if var_type == "learned" else 2
+    output = torch.randn(3, channels, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = d.p_mean_variance(lambda x, t: output, x_t, torch.full((3,), 5))
+    assert torch.equal(out["model_output"], output[:, :2])
+
+
 def test_prior_term_is_the_kl_at_the_last_step_in_closed_form():
     """L_T = KL(N(sqrt(abar_T) x_0, (1 - abar_T) I) || N(0, I)), abar_T = prod_t (1 - beta_t) (Ho et al. eq. 5)."""
     T = 10
