@@ -292,3 +292,10 @@ def test_vector_data_gets_the_mlp_by_default(tmp_path, capsys):
     assert main(["train", "--out", str(run), "--data", "toy2d:moons", "--timesteps", "5", "--steps", "2",
                  "--batch-size", "16", "--final-eval-examples", "16", "--quiet"]) == 0
     assert elbox.load(run).config.net == "auto" and type(elbox.load(run).net).__name__ == "MLPDenoiser"
+
+
+def test_images_get_the_tiny_unet_by_default():
+    from elbox.objectives.ddpm import DDPM
+
+    auto, tiny = (DDPM(DDPMConfig(data_kind="8bit", **net), (1, 8, 8)).net for net in ({}, {"net": "tiny"}))
+    assert type(auto).__name__ == "UNet" and str(auto) == str(tiny)
