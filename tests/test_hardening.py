@@ -299,3 +299,10 @@ def test_images_get_the_tiny_unet_by_default():
 
     auto, tiny = (DDPM(DDPMConfig(data_kind="8bit", **net), (1, 8, 8)).net for net in ({}, {"net": "tiny"}))
     assert type(auto).__name__ == "UNet" and str(auto) == str(tiny)
+
+
+def test_a_ddpm_on_images_that_are_not_square_is_refused_at_build():
+    from elbox.objectives.ddpm import DDPM
+
+    with pytest.raises(UserError, match="8x12 are not square"):
+        DDPM(DDPMConfig(data_kind="8bit", net="micro"), (1, 8, 12))
