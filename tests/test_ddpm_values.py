@@ -96,6 +96,15 @@ def test_hybrid_loss_trains_the_mean_by_the_simple_loss_only_and_sigma_by_lambda
     assert torch.allclose(terms.extras["mse"], mse, rtol=1e-12)
 
 
+def test_the_configured_hybrid_lambda_is_the_one_the_loss_uses():
+    """DDPMConfig.hybrid_lambda reaches the loss (the test above holds at the default, 0.001, which is also
+    GaussianDiffusion's own default): with lambda = 0.25, loss = mse + 0.25 * T * L_t / (D ln 2)."""
+    model = ddpm(timesteps=20, loss="hybrid", var_type="learned", hybrid_lambda=0.25)
+    terms = seeded_losses(model, digits(4), seed=3)
+    expected = terms.extras["mse"] + 0.25 * terms.terms["steps"].detach() / (D * math.log(2))
+    assert torch.allclose(terms.loss.detach(), expected, rtol=1e-12)
+
+
 def test_simple_and_vlb_losses_have_their_papers_values():
     """simple: ||eps - eps_theta||^2 / D (Ho eq. 14), no gradient through the reported bound terms;
     vlb: (T L_t + L_T) / (D ln 2), the bound in bits/dim."""
