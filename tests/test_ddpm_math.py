@@ -30,6 +30,18 @@ def test_linear_and_cosine_schedules_match_the_papers():
     assert cos.max() <= 0.999
 
 
+def test_the_linear_schedule_takes_each_beta_strictly_inside_zero_one_and_refuses_either_at_or_past_an_end():
+    # beta_schedule is also called directly (the API), not only behind DDPMConfig's own check
+    inside, outside = (1e-12, 0.5, 1 - 1e-12), (-0.1, 0.0, 1.0, 1.5)
+    for start in inside:
+        for end in inside:
+            assert beta_schedule("linear", 3, start, end)[[0, -1]].tolist() == [start, end]
+    for bad in outside:
+        for start, end in ((bad, 0.02), (1e-4, bad)):
+            with pytest.raises(UserError, match=f"beta_start={start}, beta_end={end}: both betas must lie in"):
+                beta_schedule("linear", 3, start, end)
+
+
 def test_q_sample_closed_form_matches_iterating_the_forward_chain():
     """q(x_t|x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (eq. 4) vs iterating q(x_t|x_{t-1}) = N(sqrt(1-b) x, b I)."""
     torch.manual_seed(0)
