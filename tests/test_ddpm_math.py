@@ -42,6 +42,12 @@ def test_the_linear_schedule_takes_each_beta_strictly_inside_zero_one_and_refuse
                 beta_schedule("linear", 3, start, end)
 
 
+def test_the_linear_schedule_is_float64_even_from_float32_betas():
+    # the bound's per-step KLs are differences of nearly equal numbers: the schedule is kept in float64
+    betas = beta_schedule("linear", 1000, np.float32(1e-4), np.float32(0.02))
+    assert betas.dtype == np.float64 and betas[0] == np.float32(1e-4) and betas[-1] == np.float32(0.02)
+
+
 def test_q_sample_closed_form_matches_iterating_the_forward_chain():
     """q(x_t|x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (eq. 4) vs iterating q(x_t|x_{t-1}) = N(sqrt(1-b) x, b I)."""
     torch.manual_seed(0)
