@@ -14,6 +14,7 @@ from elbox.cli import main
 from elbox.config import MODELS, DDPMConfig
 from elbox.data.dataset import seeded_test_mask
 from elbox.errors import UserError
+from elbox.objectives.ddpm import DDPM
 from elbox.objectives.gaussian import discretized_gaussian_log_likelihood
 from elbox.training.loop import train
 
@@ -295,14 +296,10 @@ def test_vector_data_gets_the_mlp_by_default(tmp_path, capsys):
 
 
 def test_images_get_the_tiny_unet_by_default():
-    from elbox.objectives.ddpm import DDPM
-
     auto, tiny = (DDPM(DDPMConfig(data_kind="8bit", **net), (1, 8, 8)).net for net in ({}, {"net": "tiny"}))
     assert type(auto).__name__ == "UNet" and str(auto) == str(tiny)
 
 
 def test_a_ddpm_on_images_that_are_not_square_is_refused_at_build():
-    from elbox.objectives.ddpm import DDPM
-
     with pytest.raises(UserError, match="8x12 are not square"):
         DDPM(DDPMConfig(data_kind="8bit", net="micro"), (1, 8, 12))
