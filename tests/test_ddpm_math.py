@@ -341,3 +341,26 @@ def test_the_loss_history_keeps_the_last_ten_values_of_each_step_in_order():
     d.update_loss_history(torch.tensor([0, 0]), torch.tensor([7.0, 8.0], dtype=torch.float64))
     assert d.loss_history[1].tolist() == [float(v) for v in range(4, 14)]
     assert d.loss_history[0, :2].tolist() == [7.0, 8.0] and d.loss_history_count.tolist() == [2, 10, 0]
+
+
+def test_built_directly_the_diffusion_defaults_to_improved_ddpm_settings():
+    """GaussianDiffusion(betas) alone is Nichol & Dhariwal's recipe: epsilon mean, learned variance, L_hybrid with
+    lambda = 0.001 (their sec. 3.1), uniform t, the discretized decoder of Ho et al. eq. 13."""
+    d = GaussianDiffusion(beta_schedule("linear", 4))
+    assert (d.mean_type, d.var_type, d.loss_type, d.timestep_sampler, d.decoder) == (
+        "epsilon", "learned", "hybrid", "uniform", "discretized")
+    assert d.hybrid_lambda == 0.001
+
+
+@pytest.mark.parametrize("keyword, name, allowed", [
+    ("mean_type", "mean_type", "epsilon, x0, v"),
+    ("var_type", "var_type", "fixed_small, fixed_large, learned"),
+    ("loss_type", "loss", "simple, vlb, hybrid"),  # named as the config key the user writes
+    ("timestep_sampler", "timestep_sampler", "uniform, importance"),
+    ("decoder", "decoder", "discretized, continuous"),
+])
+def test_built_directly_an_unknown_choice_is_refused_naming_the_setting_and_its_options(keyword, name, allowed):
+    # DDPMConfig checks these first, so only a direct build reaches the diffusion's own check
+    with pytest.raises(UserError) as info:
+        GaussianDiffusion(beta_schedule("linear", 4), **{keyword: "bogus"})
+    assert str(info.value) == f"{name}='bogus' is not known; choose one of {allowed}"
