@@ -364,3 +364,43 @@ def test_built_directly_an_unknown_choice_is_refused_naming_the_setting_and_its_
     with pytest.raises(UserError) as info:
         GaussianDiffusion(beta_schedule("linear", 4), **{keyword: "bogus"})
     assert str(info.value) == f"{name}='bogus' is not known; choose one of {allowed}"
+
+
+@pytest.mark.parametrize("betas", [[0.0, 0.5], [-0.1, 0.5], [0.5, 1.0], [0.5, 1.5], [0.5, 2.5]])
+def test_built_directly_a_beta_at_or_outside_zero_one_is_refused(betas):
+    # beta_schedule and DDPMConfig check their own betas first; a schedule handed in directly is checked here
+    with pytest.raises(UserError) as info:
+        GaussianDiffusion(np.array(betas), loss_type="vlb", var_type="fixed_small")
+    assert str(info.value) == "every beta_t must lie in (0, 1); check beta_start and beta_end"
+    GaussianDiffusion(np.array([1e-12, 1 - 1e-12]), loss_type="vlb", var_type="fixed_small")  # just inside: built
+
+
+def test_reverse_variances_of_the_two_shortest_chains():
+    """T = 2 is the shortest chain with a beta-tilde_2 to borrow at t = 1: fixed_small is (beta-tilde_2,
+    beta-tilde_2), fixed_large (beta-tilde_2, beta_2). T = 1 has none (beta-tilde_1 = 0): both are beta_1."""
+    betas = np.array([0.1, 0.3])
+    tilde_2 = betas[1] * (1 - 0.9) / (1 - 0.9 * 0.7)  # beta-tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), eq. 7
+    expected = {"fixed_small": [tilde_2, tilde_2], "fixed_large": [tilde_2, 0.3]}
+    for var_type, variances in expected.items():
+        d = GaussianDiffusion(betas, var_type=var_type, loss_type="vlb").double()
+        out = d.p_mean_variance(None, torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]),
+                                model_output=torch.zeros(2, 3, dtype=torch.float64))
+        torch.testing.assert_close(out["log_variance"][:, 0], torch.tensor(variances, dtype=torch.float64).log(),
+                                   rtol=1e-12, atol=0)
+    for var_type in ("fixed_small", "fixed_large"):
+        d = GaussianDiffusion(np.array([0.2]), var_type=var_type, loss_type="vlb").double()
+        out = d.p_mean_variance(None, torch.zeros(1, 3, dtype=torch.float64), torch.tensor([0]),
+                                model_output=torch.zeros(1, 3, dtype=torch.float64))
+        assert torch.equal(out["log_variance"], torch.full((1, 3), math.log(0.2), dtype=torch.float64)), var_type
+
+
+def test_the_schedule_is_float64_and_only_the_loss_history_is_kept_in_a_state_dict():
+    """The schedule is float64 (alpha-bar_T and L_T are where float32 bites) even from float32 betas, and is not
+    saved: it follows from the config. What is saved is the importance-sampling history, float64 values and
+    int64 counts, one row per step."""
+    d = GaussianDiffusion(np.linspace(1e-4, 0.02, 7, dtype=np.float32), loss_type="vlb", var_type="fixed_small")
+    schedule = dict(d.named_buffers())
+    assert {name for name, b in schedule.items() if b.dtype != torch.float64} == {"loss_history_count"}
+    state = d.state_dict()
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in state.items()} == {
+        "loss_history": (torch.float64, (7, 10)), "loss_history_count": (torch.int64, (7,))}
