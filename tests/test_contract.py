@@ -95,6 +95,17 @@ def test_capabilities_say_what_a_model_can_do():
         Bare(None, (1,)).iwae_bound(torch.zeros(1, 1), 2)
 
 
+def test_every_model_takes_one_to_three_positive_sizes_and_at_most_2_to_the_26_numbers():
+    """ELBOModel's data shape, at both ends of each range: 1 and 3 sizes are built, 0 and 4 are not; a size of 1 is
+    built, 0 is not; 2**26 numbers in all are built (a shape is all it stores), one more row of them is not."""
+    for shape in [(1,), (3, 2, 1), (1, 1, 1), (65536, 1024), (1024, 256, 256)]:
+        assert ELBOModel(None, shape).data_shape == shape
+    for shape in [(), (1, 1, 1, 1), (0,), (4, 0, 4), (65536, 1025), (1025, 256, 256)]:
+        with pytest.raises(UserError) as error:
+            ELBOModel(None, shape)
+        assert str(error.value) == (f"data shape {shape} is not allowed: 1 to 3 positive sizes, at most 2^26 numbers")
+
+
 # -------------------------------------------------------------------------------------------- terms compose
 def _terms() -> Terms:
     return Terms(terms={"decoder_nll": torch.tensor([1.0, 2.0]), "kl": torch.tensor([[0.5, 0.25], [1.0, 2.0]]),
