@@ -379,7 +379,8 @@ def test_reverse_variances_of_the_two_shortest_chains():
     """T = 2 is the shortest chain with a beta-tilde_2 to borrow at t = 1: fixed_small is (beta-tilde_2,
     beta-tilde_2), fixed_large (beta-tilde_2, beta_2). T = 1 has none (beta-tilde_1 = 0): both are beta_1."""
     betas = np.array([0.1, 0.3])
-    tilde_2 = betas[1] * (1 - 0.9) / (1 - 0.9 * 0.7)  # beta-tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), eq. 7
+    abar_1, abar_2 = 1 - betas[0], (1 - betas[0]) * (1 - betas[1])
+    tilde_2 = betas[1] * (1 - abar_1) / (1 - abar_2)  # beta-tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), eq. 7
     expected = {"fixed_small": [tilde_2, tilde_2], "fixed_large": [tilde_2, 0.3]}
     for var_type, variances in expected.items():
         d = GaussianDiffusion(betas, var_type=var_type, loss_type="vlb").double()
