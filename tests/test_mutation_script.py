@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,3 +181,23 @@ def test_a_run_names_only_the_unrun_unlisted_mutants_since_mutmut_reruns_every_m
     assert script.mutants_to_run(current, listed, ["b.*"], rerun=True) == ["b.x_g__mutmut_1", "b.x_g__mutmut_2",
                                                                            "b.x_g__mutmut_3"]
     assert script.mutants_to_run(current, listed, ["a.x_f__mutmut_3"], rerun=True) == []
+
+
+def test_under_a_mutant_its_tests_run_fastest_first_by_mutmuts_recorded_durations(tmp_path):
+    """mutmut 3.8.1's forkserver gives pytest a mutant's tests in the order of a set; tests/conftest.py sorts them by
+    mutmut's stats (read from the folder mutmut runs in), so the fast test that kills a mutant is not left behind
+    slow ones, past mutmut's time limit. Outside a mutant the order is the one given."""
+    here = "tests/test_mutation_script.py::"
+    slow = here + "test_an_equivalent_entry_whose_mutant_is_killed_is_reported"
+    fast = here + "test_an_entry_whose_mutant_is_no_longer_the_change_that_was_read_is_named"
+    (tmp_path / "mutmut-stats.json").write_text(json.dumps({"duration_by_test": {slow: 9.0, fast: 0.5}}))
+
+    def order(mutant: str) -> list[str]:
+        run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly",
+                              "-p", "no:cacheprovider", "--rootdir", str(ROOT), str(ROOT / slow), str(ROOT / fast)],
+                             cwd=tmp_path, env={**os.environ, "MUTANT_UNDER_TEST": mutant}, capture_output=True,
+                             text=True, check=True)
+        return [line for line in run.stdout.splitlines() if "::" in line]
+
+    assert order("elbox.checkpoint.x_latest_checkpoint__mutmut_19") == [fast, slow]
+    assert order("") == [slow, fast]
