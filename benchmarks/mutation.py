@@ -224,10 +224,10 @@ def retime(stats: Path, measured: dict[str, float]) -> int:
 
     A mutant's tests run fastest first (with -x, so a killed mutant stops at its first failing test; mutmut's
     forkserver gives them in set order, and tests/conftest.py sorts them), by the durations mutmut's stats run
-    recorded once. A stats run that spans a busy or paused machine records some tests
-    at 100x their time: those then run last, after slow ones that start ``python -m elbox`` subprocesses, and
-    every killed mutant waits for them (measured: 2 mutants a minute, 9 after a retime). Only the order and the
-    timeouts change; the results do not."""
+    recorded once. A stats run that spans a busy or paused machine records some tests at 100x their time: those
+    then run last, after slow ones that start ``python -m elbox`` subprocesses, and every killed mutant waits for
+    them (measured: 2 mutants a minute, 9 after a retime). Only the order and the timeouts change; the results
+    do not."""
     data = json.loads(stats.read_text())
     durations = data["duration_by_test"]
     hits = [t for t in durations if t in measured]
