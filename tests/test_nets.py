@@ -11,7 +11,7 @@ from torch import nn
 from elbox.errors import UserError
 from elbox.nets.embeddings import timestep_embedding
 from elbox.nets.mlp import MLPDenoiser
-from elbox.nets.unet import UNET_PRESETS, UNet
+from elbox.nets.unet import UNET_PRESETS, Dropout, UNet
 
 
 def randomise_zero_init(model: nn.Module, std: float = 0.05) -> nn.Module:
@@ -116,6 +116,26 @@ def test_channels_last_gives_the_same_output() -> None:
         ref = model(x, t)
         out = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_the_unets_dropout_keeps_each_element_with_probability_1_minus_p_and_scales_it(p: float) -> None:
+    """Srivastava et al. (2014), inverted: kept elements are x / (1 - p), dropped ones 0, and the gradient is the
+    same mask; the keep rate is 1 - p within 5 standard errors over 10^6 elements; eval mode is the identity."""
+    torch.manual_seed(0)
+    drop = Dropout(p)
+    x = torch.rand(1000, 1000, dtype=torch.float64) + 1.0  # nonzero, so a dropped element shows as 0
+    x.requires_grad_(True)
+    y = drop(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p), rtol=1e-12, atol=0)
+    n = kept.numel()
+    assert abs(kept.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.double() / (1 - p), rtol=1e-12, atol=0)
+    assert not torch.equal(drop(x), y)  # a fresh mask per call
+    drop.eval()
+    assert torch.equal(drop(x), x)
 
 
 def test_group_norm_falls_back_to_a_divisor_of_the_channel_count() -> None:
