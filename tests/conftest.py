@@ -39,3 +39,23 @@ def run_elbox(*args: str, cwd: Path | None = None, timeout: float = 300, env: di
 def elbox_cli():
     return run_elbox
 
+
+
+def check_on_the_cpu_under_another_default_device(everything) -> None:
+    """A model kept on the CPU while another device is the default (``torch.set_default_device("cuda")``) must
+    compute on the CPU, and compute the same: ``everything()`` (a dict of tensors) runs with the CPU as the default,
+    then with "meta" (standing in for the GPU: a tensor made without a device there has no values, so any such
+    tensor the math uses fails or shows), and every result must be on the CPU and bit-identical."""
+    import torch
+
+    expected = everything()
+    with torch.device("meta"):
+        got = everything()
+    for name, value in got.items():
+        assert value.device == torch.device("cpu"), name
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture
+def on_the_cpu_under_another_default_device():
+    return check_on_the_cpu_under_another_default_device

@@ -332,10 +332,9 @@ def test_importance_sampling_records_each_training_terms_loss():
 
 @pytest.mark.parametrize("kind, kw", [("8bit", dict(loss="hybrid")), ("8bit", dict(loss="simple", var_type="fixed_large")),
                                       ("continuous", dict(loss="vlb", var_type="fixed_small"))])
-def test_a_ddpm_on_the_cpu_computes_on_the_cpu_whatever_the_default_device(kind, kw):
-    # torch.set_default_device("cuda") with a model kept on the CPU: every step, term and sample must stay on the
-    # CPU and equal what the CPU default gives; "meta" stands in for the GPU as the default device (a tensor made
-    # without a device there has no values, so any such tensor the math uses fails or shows here)
+def test_a_ddpm_on_the_cpu_computes_on_the_cpu_whatever_the_default_device(kind, kw,
+                                                                           on_the_cpu_under_another_default_device):
+    # every step, term and sample, with the CPU and then "meta" (for a GPU) as the default device (conftest.py)
     model = DDPM(DDPMConfig(data_kind=kind, net="micro", timesteps=5, **kw), (1, 8, 8)).double()
     x = torch.randint(0, 256, (3, 1, 8, 8), generator=torch.Generator().manual_seed(1)).double() / 127.5 - 1
     rows = torch.arange(len(x))  # made here: the trainer hands the global batch's rows in from the CPU
@@ -349,12 +348,7 @@ def test_a_ddpm_on_the_cpu_computes_on_the_cpu_whatever_the_default_device(kind,
                 **{sampler: model.sample(2, generator=torch.Generator().manual_seed(2), sampler=sampler,
                                         steps=steps) for sampler, steps in (("ancestral", None), ("ddim", 3))}}
 
-    expected = everything()
-    with torch.device("meta"):
-        got = everything()
-    for name, value in got.items():
-        assert value.device == torch.device("cpu"), name
-        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    on_the_cpu_under_another_default_device(everything)
 
 
 @pytest.mark.parametrize("loss", ["vlb", "hybrid", "simple"])

@@ -447,10 +447,9 @@ def test_manifold_decodes_a_grid_over_the_prior(latent_dim):
 @pytest.mark.parametrize("kw", [dict(arch="mlp", decoder="gaussian", sigma_mode="fixed", latent_dim=2),
                                 dict(arch="mlp", decoder="gaussian", sigma_mode="fixed", latent_dim=1),
                                 dict(arch="conv-mlp", decoder="bernoulli", ar_kernel=3, latent_dim=2)])
-def test_a_vae_on_the_cpu_computes_on_the_cpu_whatever_the_default_device(kw):
-    # torch.set_default_device("cuda") with a model kept on the CPU: every term, estimate and drawing must stay on
-    # the CPU and equal what the CPU default gives; "meta" stands in for the GPU as the default device (a tensor made
-    # without a device there has no values, so any such tensor the math uses fails or shows here)
+def test_a_vae_on_the_cpu_computes_on_the_cpu_whatever_the_default_device(kw,
+                                                                          on_the_cpu_under_another_default_device):
+    # every term, estimate and drawing, with the CPU and then "meta" (for a GPU) as the default device (conftest.py)
     torch.manual_seed(0)
     vae = VAE(VAEConfig(hidden=(16,), conv_channels=(8,), res_blocks=0, **kw), (1, 8, 8)).double()
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -463,9 +462,4 @@ def test_a_vae_on_the_cpu_computes_on_the_cpu_whatever_the_default_device(kw):
                 "sample": vae.sample(2, generator=g["sample"]), "reconstruct": vae.reconstruct(x),
                 "interpolate": vae.interpolate(x[0], x[1], 3), "manifold": vae.manifold(2, generator=g["manifold"])}
 
-    expected = everything()
-    with torch.device("meta"):
-        got = everything()
-    for name, value in got.items():
-        assert value.device == torch.device("cpu"), name
-        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    on_the_cpu_under_another_default_device(everything)
