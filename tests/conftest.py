@@ -40,7 +40,6 @@ def elbox_cli():
     return run_elbox
 
 
-
 def check_on_the_cpu_under_another_default_device(everything) -> None:
     """A model kept on the CPU while another device is the default (``torch.set_default_device("cuda")``) must
     compute on the CPU, and compute the same: ``everything()`` (a dict of tensors) runs with the CPU as the default,
