@@ -1,10 +1,15 @@
 """Run by tests/test_train_ddp.py under torchrun: a DDPM whose prior term is NaN on step 3 on the last process
-only (with one process, that process), trained with --on-nonfinite skip. Not a test file itself."""
+only (with one process, that process), trained with --on-nonfinite skip; it also fails if anything still holds the
+process group when training tears it down. Not a test file itself."""
 
+import gc
 import os
 import sys
 from pathlib import Path
 
+from torch.nn.parallel import DistributedDataParallel
+
+import elbox.training.loop
 from elbox.config import MODELS, DataConfig, RunConfig, TrainConfig
 from elbox.objectives.ddpm import DDPM, DDPMConfig
 from elbox.training.loop import train
@@ -16,6 +21,14 @@ class LastRankNaN(DDPM):
         if step == 2 and int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
             terms.terms["prior"] = terms.terms["prior"] * float("nan")
         return terms
+
+
+def teardown_last(real=elbox.training.loop.teardown) -> None:
+    """The real teardown, checked: nothing may still hold the process group (DDP's reducer does) when it goes."""
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    real()
+    if alive:
+        raise SystemExit(f"rank {os.environ.get('RANK')}: {alive} DDP wrapper(s) alive at the process group's teardown")
 
 
 def run(out: Path) -> None:
@@ -30,4 +43,5 @@ def run(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    elbox.training.loop.teardown = teardown_last
     run(Path(sys.argv[1]))

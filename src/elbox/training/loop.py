@@ -109,6 +109,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
     out = Path(out)
     info = setup(cfg.train.device)
     folder: RunFolder | None = None
+    run: Run | None = None
     try:
         check_setup(cfg.train, info)  # before anything is written
         # What the data is (8-bit images or continuous vectors) settles the model's "auto" choices; a mistake in
@@ -140,6 +141,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
     finally:
         if folder is not None:
             folder.close()
+        run = None  # the DDP wrapper (and its reducer) holds the process group: let go of it before the teardown
         teardown()
 
 
