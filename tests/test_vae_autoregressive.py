@@ -22,9 +22,9 @@ def with_random_context(vae: VAE) -> VAE:
     return vae.double()
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 2), (2, 2, 2)])
-def test_autoregressive_bernoulli_sums_to_one_over_every_binary_image(shape):
-    vae = with_random_context(VAE(VAEConfig(**SMALL), shape))
+@pytest.mark.parametrize("shape, layers", [((1, 2, 2), 0), ((2, 2, 2), 0), ((1, 2, 3), 2)])
+def test_autoregressive_bernoulli_sums_to_one_over_every_binary_image(shape, layers):
+    vae = with_random_context(VAE(VAEConfig(**SMALL, ar_layers=layers), shape))
     d = shape[0] * shape[1] * shape[2]
     images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=d)), dtype=torch.float64).view(-1, *shape)
     for _ in range(3):
@@ -43,16 +43,20 @@ def test_autoregressive_discretized_logistic_sums_to_one_over_every_8bit_image()
     torch.testing.assert_close(total, torch.zeros((), dtype=torch.float64), rtol=0, atol=1e-9)
 
 
-def test_the_context_of_a_pixel_depends_only_on_earlier_pixels():
-    vae = with_random_context(VAE(VAEConfig(**{**SMALL, "ar_kernel": 5}), (2, 6, 7)))
+@pytest.mark.parametrize("kernel, layers", [(5, 0), (3, 2)])
+def test_the_context_of_a_pixel_depends_only_on_earlier_pixels(kernel, layers):
+    vae = with_random_context(VAE(VAEConfig(**{**SMALL, "ar_kernel": kernel, "ar_layers": layers}), (2, 6, 7)))
     x = torch.rand(1, 2, 6, 7, dtype=torch.float64)
     base = vae.context(x)
-    for i, j in [(0, 0), (2, 3), (5, 6)]:
+    for i, j in [(0, 0), (2, 3), (5, 6), (0, 6)]:
         changed = x.clone()
         changed[:, :, i, j] += 1.0
         moved = (vae.context(changed) - base).abs().sum(1)[0] > 0
         later = torch.arange(6 * 7).view(6, 7) > i * 7 + j  # raster order: strictly after (i, j)
         assert not moved[~later].any(), (i, j)
+        # each masked layer sees one row further down: the first kernel // 2 rows, then one more per layer
+        reach = kernel // 2 + layers
+        assert moved[i + 1 : i + 1 + reach, j].all() and not moved[i + 1 + reach :].any(), (i, j)
 
 
 def test_iwae_with_a_context_matches_the_elbo_at_k_1():

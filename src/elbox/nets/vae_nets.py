@@ -166,17 +166,19 @@ class ConvDecoder(nn.Module):
 
 
 class MaskedConv2d(nn.Conv2d):
-    """A convolution that sees only the pixels before the centre in raster order (PixelCNN's mask "A").
+    """A convolution that sees only the pixels before the centre in raster order (PixelCNN's mask "A"), or with
+    ``centre=True`` also the centre (mask "B", for layers whose input at a pixel already depends only on the
+    pixels before it).
 
     All channels of a pixel are masked together, so the pixels are ordered and the channels of one pixel are
     conditionally independent given everything before it.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, centre: bool = False) -> None:
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
         mask = torch.ones_like(self.weight)
         c = kernel_size // 2
-        mask[:, :, c, c:] = 0  # the centre and everything right of it
+        mask[:, :, c, c + centre :] = 0  # everything right of the centre, and the centre itself under mask A
         mask[:, :, c + 1 :] = 0  # every row below
         self.register_buffer("mask", mask, persistent=False)
 
@@ -187,17 +189,24 @@ class MaskedConv2d(nn.Conv2d):
 class ARContext(nn.Module):
     """x (B, C, H, W) -> (B, out_channels, H, W), where output pixel i depends only on input pixels before i.
 
-    One masked ``kernel_size`` convolution, a nonlinearity and a 1x1 convolution. The last layer starts at zero,
-    so a fresh model is a factorized decoder and learns how much context to use.
+    One masked ``kernel_size`` convolution (mask A), then ``layers`` residual masked 3x3 convolutions (mask B,
+    pre-activation, as PixelCNN's stack: each widens the view up and to the left), a nonlinearity and a 1x1
+    convolution. The last layer starts at zero, so a fresh model is a factorized decoder and learns how much
+    context to use.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, hidden: int, activation: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, hidden: int, activation: str,
+                 layers: int = 0) -> None:
         super().__init__()
         self.masked = MaskedConv2d(in_channels, hidden, kernel_size)
+        self.blocks = nn.ModuleList(MaskedConv2d(hidden, hidden, 3, centre=True) for _ in range(layers))
         self.act = ACTIVATIONS[activation]()
         self.out = nn.Conv2d(hidden, out_channels, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.act(self.masked(x)))
+        h = self.masked(x)
+        for block in self.blocks:
+            h = h + block(self.act(h))
+        return self.out(self.act(h))

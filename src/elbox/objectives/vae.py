@@ -63,7 +63,7 @@ class VAEConfig:
     sample): a better posterior at the evaluation cost of the mlp. ``ar_kernel`` > 0 makes the decoder
     autoregressive over pixels, p(x|z) = prod_i p(x_i | z, x_<i): a masked convolution of that size over the
     pixels before i (raster order) adds to the decoder's parameters (PixelVAE, Gulrajani et al. 2017, with one
-    small masked layer). It is cheap to train and to score, but decoding then draws the pixels one by one.
+    small masked layer, or ``ar_layers`` more masked 3x3 layers after it). It is cheap to train and to score, but decoding then draws the pixels one by one.
     """
 
     arch: Arch = "mlp"  # networks: mlp (Kingma & Welling; any shape), conv (images), conv-mlp (conv enc., mlp dec.)
@@ -80,6 +80,7 @@ class VAEConfig:
     kl_warmup_steps: int = 0  # the KL weight rises linearly from 0 to beta over this many steps (0: off)
     ar_kernel: int = 0  # autoregressive decoder: masked-conv context over earlier pixels, odd kernel (0: factorized)
     ar_channels: int = 16  # hidden channels of that context
+    ar_layers: int = 0  # residual masked 3x3 layers after the first (0: one masked layer, the context's default)
 
     def __post_init__(self) -> None:
         # tuples may arrive as lists (from JSON or a command line): store them as tuples of int
@@ -121,6 +122,8 @@ class VAEConfig:
             raise UserError(f"ar_kernel={self.ar_kernel} is not allowed; use 0 (off) or an odd size >= 3")
         if self.ar_channels < 1:
             raise UserError(f"ar_channels={self.ar_channels} is not allowed; use an integer >= 1")
+        if not 0 <= self.ar_layers <= 64:
+            raise UserError(f"ar_layers={self.ar_layers} is not allowed; use an integer from 0 to 64")
 
     @property
     def resolved_sigma_mode(self) -> str:
@@ -176,7 +179,8 @@ class VAE(ELBOModel):
         self.encoder = build_encoder(config, shape)
         self.decoder = build_decoder(config, out_shape)
         self.context = (
-            ARContext(shape[0], out_shape[0], config.ar_kernel, config.ar_channels, config.activation)
+            ARContext(shape[0], out_shape[0], config.ar_kernel, config.ar_channels, config.activation,
+                      config.ar_layers)
             if config.ar_kernel
             else None
         )
