@@ -224,7 +224,8 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
     rows = []
     if "vae" in args.models:
         vae = VAE(VAEConfig(arch="conv-mlp", res_blocks=0, activation="silu", latent_dim=args.latent_dim,
-                            decoder=decoder, ar_kernel=args.vae_ar_kernel), (1, 28, 28))
+                            decoder=decoder, ar_kernel=args.vae_ar_kernel, ar_layers=args.vae_ar_layers),
+                  (1, 28, 28))
         fit = trained("vae", variant, args, lambda: train_for(vae, list(vae.parameters()), args.vae_minutes or
                                                               args.minutes, 100, 1e-3, train_u8, variant, args.seed))
         vae = fit.pop("model")
