@@ -84,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--latent-dim", type=int, default=32)
     p.add_argument("--vae-ar-kernel", type=int, default=0,
                    help="an autoregressive decoder context of this odd kernel (PixelVAE-style; 0: factorized)")
+    p.add_argument("--vae-ar-layers", type=int, default=0,
+                   help="residual masked 3x3 layers after that context's first (VAEConfig.ar_layers)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--eval-n", type=int, default=1000, help="test images for the bound")
     p.add_argument("--eval-n-ddpm", type=int, default=100, help="test images for the DDPM's bound (T U-Net passes each)")
