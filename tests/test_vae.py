@@ -398,8 +398,10 @@ def test_every_size_limit_allows_its_edge_and_refuses_one_past_it():
         (dict(ar_channels=1), dict(ar_channels=0), "ar_channels=0"),
         (dict(ar_kernel=63), dict(ar_kernel=64), "ar_kernel <= 63"),  # 64 is even, but the size limit comes first
         (dict(ar_kernel=3), dict(ar_kernel=1), "ar_kernel=1"),
-        (dict(ar_layers=64), dict(ar_layers=65), "ar_layers=65 is not allowed; use an integer from 0 to 64"),
+        (dict(ar_layers=64, ar_kernel=3), dict(ar_layers=65, ar_kernel=3), "ar_layers=65 is not allowed; use an "
+                                                                             "integer from 0 to 64"),
         (dict(ar_layers=0), dict(ar_layers=-1), "ar_layers=-1"),
+        (dict(ar_layers=1, ar_kernel=3), dict(ar_layers=1), "ar_layers=1 needs an autoregressive context: set ar_kernel"),
     ]
     for allowed, refused, words in edges:
         VAEConfig(**allowed)

@@ -63,7 +63,8 @@ class VAEConfig:
     sample): a better posterior at the evaluation cost of the mlp. ``ar_kernel`` > 0 makes the decoder
     autoregressive over pixels, p(x|z) = prod_i p(x_i | z, x_<i): a masked convolution of that size over the
     pixels before i (raster order) adds to the decoder's parameters (PixelVAE, Gulrajani et al. 2017, with one
-    small masked layer, or ``ar_layers`` more masked 3x3 layers after it). It is cheap to train and to score, but decoding then draws the pixels one by one.
+    small masked layer, or ``ar_layers`` more masked 3x3 layers after it). It is cheap to train and to score, but
+    decoding then draws the pixels one by one.
     """
 
     arch: Arch = "mlp"  # networks: mlp (Kingma & Welling; any shape), conv (images), conv-mlp (conv enc., mlp dec.)
@@ -124,6 +125,9 @@ class VAEConfig:
             raise UserError(f"ar_channels={self.ar_channels} is not allowed; use an integer >= 1")
         if not 0 <= self.ar_layers <= 64:
             raise UserError(f"ar_layers={self.ar_layers} is not allowed; use an integer from 0 to 64")
+        if self.ar_layers and not self.ar_kernel:
+            raise UserError(f"ar_layers={self.ar_layers} needs an autoregressive context: set ar_kernel (an odd size "
+                            ">= 3) too, or ar_layers=0")
 
     @property
     def resolved_sigma_mode(self) -> str:
