@@ -190,9 +190,9 @@ class ARContext(nn.Module):
     """x (B, C, H, W) -> (B, out_channels, H, W), where output pixel i depends only on input pixels before i.
 
     One masked ``kernel_size`` convolution (mask A), then ``layers`` residual masked 3x3 convolutions (mask B,
-    pre-activation, as PixelCNN's stack: each widens the view up and to the left), a nonlinearity and a 1x1
-    convolution. The last layer starts at zero, so a fresh model is a factorized decoder and learns how much
-    context to use.
+    pre-activation, as in PixelCNN: each sees one row further up and one column further each way), a nonlinearity
+    and a 1x1 convolution. The last layer starts at zero, so a fresh model is a factorized decoder and learns how
+    much context to use.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, hidden: int, activation: str,
