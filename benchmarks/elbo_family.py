@@ -86,6 +86,8 @@ def parse_args() -> argparse.Namespace:
                    help="an autoregressive decoder context of this odd kernel (PixelVAE-style; 0: factorized)")
     p.add_argument("--vae-ar-layers", type=int, default=0,
                    help="residual masked 3x3 layers after that context's first (VAEConfig.ar_layers)")
+    p.add_argument("--vae-ar-cond", action="store_true",
+                   help="z conditions that context too, through the decoder's output map (VAEConfig.ar_cond)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--eval-n", type=int, default=1000, help="test images for the bound")
     p.add_argument("--eval-n-ddpm", type=int, default=100, help="test images for the DDPM's bound (T U-Net passes each)")
@@ -226,7 +228,8 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
     rows = []
     if "vae" in args.models:
         vae = VAE(VAEConfig(arch="conv-mlp", res_blocks=0, activation="silu", latent_dim=args.latent_dim,
-                            decoder=decoder, ar_kernel=args.vae_ar_kernel, ar_layers=args.vae_ar_layers),
+                            decoder=decoder, ar_kernel=args.vae_ar_kernel, ar_layers=args.vae_ar_layers,
+                            ar_cond=args.vae_ar_cond),
                   (1, 28, 28))
         fit = trained("vae", variant, args, lambda: train_for(vae, list(vae.parameters()), args.vae_minutes or
                                                               args.minutes, 100, 1e-3, train_u8, variant, args.seed))

@@ -61,6 +61,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if typing.get_origin(tp) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(tp), default=f.default)
+        elif tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif typing.get_origin(tp) is tuple:
             parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",") if v), default=f.default)
         else:

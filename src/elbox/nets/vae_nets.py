@@ -193,20 +193,46 @@ class ARContext(nn.Module):
     pre-activation, as in PixelCNN: each sees one row further up and one column further each way), a nonlinearity
     and a 1x1 convolution. The last layer starts at zero, so a fresh model is a factorized decoder and learns how
     much context to use.
+
+    With ``cond_channels`` > 0 the context is also conditioned on z, as in PixelVAE (Gulrajani et al. 2017): the
+    decoder's output map p(z) (B, cond_channels, H, W) enters the first layer through an unmasked ``kernel_size``
+    convolution. p depends on z alone, never on x, so it may be seen at every pixel, later ones included; the
+    context's output at pixel i then depends on x_<i and z, and p(x|z) stays normalised.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, hidden: int, activation: str,
-                 layers: int = 0) -> None:
+                 layers: int = 0, cond_channels: int = 0) -> None:
         super().__init__()
         self.masked = MaskedConv2d(in_channels, hidden, kernel_size)
+        self.cond = (
+            nn.Conv2d(cond_channels, hidden, kernel_size, padding=kernel_size // 2, bias=False)
+            if cond_channels
+            else None
+        )
         self.blocks = nn.ModuleList(MaskedConv2d(hidden, hidden, 3, centre=True) for _ in range(layers))
         self.act = ACTIVATIONS[activation]()
         self.out = nn.Conv2d(hidden, out_channels, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.masked(x)
+    @property
+    def conditioned(self) -> bool:
+        """Whether the output depends on z (through the decoder's output map) as well as on earlier pixels."""
+        return self.cond is not None
+
+    def first(self, x: Tensor) -> Tensor:
+        """The first masked layer's output for x, before any conditioning: the part that depends on x alone."""
+        return self.masked(x)
+
+    def rest(self, h: Tensor, params: Tensor | None = None) -> Tensor:
+        """The context from ``first(x)`` and the decoder's output map ``params`` (both of batch size B)."""
+        if self.cond is not None:
+            if params is None:
+                raise ValueError("this context is conditioned on z: pass the decoder's output map")
+            h = h + self.cond(params)
         for block in self.blocks:
             h = h + block(self.act(h))
         return self.out(self.act(h))
+
+    def forward(self, x: Tensor, params: Tensor | None = None) -> Tensor:
+        return self.rest(self.first(x), params)

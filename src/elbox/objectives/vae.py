@@ -13,7 +13,8 @@ the training ``loss``, never the reported terms.
 Options beyond Kingma & Welling: a conv encoder with the mlp decoder (``arch="conv-mlp"``), and an autoregressive
 decoder p(x|z) = prod_i p(x_i | z, x_<i) whose context is one small masked convolution over earlier pixels
 (``ar_kernel``; PixelVAE, Gulrajani et al. 2017). Both keep scoring cheap: the decoder runs once per importance
-sample, the encoder and the context once per example.
+sample, the encoder and the context once per example (a context conditioned on z, ``ar_cond``, runs its layers after
+the first once per sample).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class VAEConfig:
     ar_kernel: int = 0  # autoregressive decoder: masked-conv context over earlier pixels, odd kernel (0: factorized)
     ar_channels: int = 16  # hidden channels of that context
     ar_layers: int = 0  # residual masked 3x3 layers after the first (0: one masked layer, the context's default)
+    ar_cond: bool = False  # z conditions the context too: the decoder's output map enters it (PixelVAE)
 
     def __post_init__(self) -> None:
         # tuples may arrive as lists (from JSON or a command line): store them as tuples of int
@@ -128,6 +130,9 @@ class VAEConfig:
         if self.ar_layers and not self.ar_kernel:
             raise UserError(f"ar_layers={self.ar_layers} needs an autoregressive context: set ar_kernel (an odd size "
                             ">= 3) too, or ar_layers=0")
+        if self.ar_cond and not self.ar_kernel:
+            raise UserError("ar_cond=True needs an autoregressive context: set ar_kernel (an odd size >= 3) too, "
+                            "or ar_cond=False")
 
     @property
     def resolved_sigma_mode(self) -> str:
@@ -184,7 +189,7 @@ class VAE(ELBOModel):
         self.decoder = build_decoder(config, out_shape)
         self.context = (
             ARContext(shape[0], out_shape[0], config.ar_kernel, config.ar_channels, config.activation,
-                      config.ar_layers)
+                      config.ar_layers, out_shape[0] if config.ar_cond else 0)
             if config.ar_kernel
             else None
         )
@@ -254,7 +259,7 @@ class VAE(ELBOModel):
             for i in range(h):
                 for j in range(w):
                     # the context at (i, j) sees only pixels before it, all of which are already drawn
-                    p_ij = (params + self.context(x))[:, :, i, j]
+                    p_ij = (params + self.context(x, params))[:, :, i, j]
                     mean[:, :, i, j] = self.likelihood.mean(p_ij)
                     x[:, :, i, j] = self.likelihood.draw(p_ij, generator)
             return mean
@@ -263,7 +268,7 @@ class VAE(ELBOModel):
         """log p_theta(x|z) in nats, summed over the data dimensions: shape (B,)."""
         params = self.decoder(z)
         if self.context is not None:
-            params = params + self.context(x)  # teacher forcing: every p(x_i | z, x_<i) in one pass
+            params = params + self.context(x, params)  # teacher forcing: every p(x_i | z, x_<i) in one pass
         return self.likelihood.log_prob(params, x).flatten(1).sum(1)
 
     def kl_weight(self, step: int) -> float:
@@ -314,7 +319,9 @@ class VAE(ELBOModel):
         b = x.shape[0]
         mu, logvar = self.encode(x)
         std = torch.exp(0.5 * logvar)
-        context = None if self.context is None else self.context(x)  # the same for every z: computed once
+        # the part of the context that depends on x alone is the same for every z: computed once
+        first = None if self.context is None else self.context.first(x)
+        context = None if first is None or self.context.conditioned else self.context.rest(first)
         total = torch.full((b,), -math.inf, dtype=mu.dtype, device=mu.device)
         done = 0
         while done < k:
@@ -327,6 +334,9 @@ class VAE(ELBOModel):
             params = self.decoder(z.reshape(c * b, *mu.shape[1:]))
             if context is not None:
                 params = (params.view(c, b, *params.shape[1:]) + context).flatten(0, 1)
+            elif first is not None:  # a context conditioned on z: its later layers run once per sample
+                h = first.unsqueeze(0).expand(c, *first.shape).reshape(c * b, *first.shape[1:])
+                params = params + self.context.rest(h, params)
             log_px = self.likelihood.log_prob(params, x_rep).flatten(1).sum(1).view(c, b)
             total = torch.logaddexp(total, torch.logsumexp(log_px + log_prior_ratio, dim=0))
             done += c
