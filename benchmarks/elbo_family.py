@@ -25,7 +25,8 @@ not just more training of its VAE.
 Scores, on the first ``--eval-n`` test images, mean and standard error over images:
 - ``-ELBO``: each model's full negative ELBO (``bound``: every timestep of a DDPM computed, one draw of x_t each;
   the LDM's bound of ``objectives/latent.py``);
-- ``-log p(x)``: the importance-weighted estimate on the first ``--iwae-n`` of them, K = ``--k-vae`` for the VAE,
+- ``-log p(x)``: the importance-weighted estimate on the first ``--iwae-n`` test images (with ``--iwae-pick
+  random``: on ``--iwae-n`` drawn at random from all of them, the same for every model), K = ``--k-vae`` for the VAE,
   ``--k-ldm`` samples of (z, diffusion trajectory) for the LDM and ``--k-ddpm`` trajectories for the DDPM (each
   one a valid bound in expectation, see ``LDM.iwae_bound``);
 - sampling time per image (16 ancestral samples, one thread count as set), and a grid of 64 samples per model;
@@ -92,6 +93,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-n", type=int, default=1000, help="test images for the bound")
     p.add_argument("--eval-n-ddpm", type=int, default=100, help="test images for the DDPM's bound (T U-Net passes each)")
     p.add_argument("--iwae-n", type=int, default=200, help="test images for the importance-weighted estimates")
+    p.add_argument("--iwae-pick", choices=["first", "random"], default="first",
+                   help="which test images: the first --iwae-n, or --iwae-n drawn at random (seed --iwae-seed) from "
+                        "the whole test set, an unbiased estimate of its mean (the first ones are easier)")
+    p.add_argument("--iwae-seed", type=int, default=0, help="the seed of --iwae-pick random")
     p.add_argument("--k-vae", type=int, default=1000)
     p.add_argument("--k-ldm", type=int, default=100)
     p.add_argument("--k-ddpm", type=int, default=0, help="0: skip (T U-Net passes per sample)")
@@ -156,19 +161,24 @@ def score(model, name: str, test_u8: torch.Tensor, args, k: int, variant: str, e
     g = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
         start = time.time()
-        nll = torch.cat([model.bound(x_all[i : i + 100], generator=g).nll.double()
-                         for i in range(0, min(eval_n, len(x_all)), 100)])
+        x_eval = x_all[:eval_n]
+        nll = torch.cat([model.bound(x_eval[i : i + 100], generator=g).nll.double() for i in range(0, len(x_eval), 100)])
         out = {"model": name, "variant": variant, "eval_n": nll.numel(), "bound_minutes": (time.time() - start) / 60}
         mean, se = _mean_stderr(nll)
         out.update(nelbo_nats=mean, nelbo_nats_se=se, nelbo_bpd=bits_per_dim(mean, DIMS),
                    nelbo_bpd_se=bits_per_dim(se, DIMS))
         if k > 0:
             start = time.time()
-            log_px = torch.cat([model.iwae_bound(x_all[i : i + 10], k, generator=g, chunk=max(1, min(k, 100)))
-                                for i in range(0, min(args.iwae_n, len(x_all)), 10)])
+            n = min(args.iwae_n, len(x_all))
+            if args.iwae_pick == "random":  # the same images for every model: the generator is seeded alike
+                x_iw = x_all[torch.randperm(len(x_all), generator=torch.Generator().manual_seed(args.iwae_seed))[:n]]
+            else:
+                x_iw = x_all[:n]
+            log_px = torch.cat([model.iwae_bound(x_iw[i : i + 10], k, generator=g, chunk=max(1, min(k, 100)))
+                                for i in range(0, n, 10)])
             mean, se = _mean_stderr(-log_px)
             out.update(nll_nats=mean, nll_nats_se=se, nll_bpd=bits_per_dim(mean, DIMS),
-                       nll_bpd_se=bits_per_dim(se, DIMS), k=k, iwae_n=log_px.numel(),
+                       nll_bpd_se=bits_per_dim(se, DIMS), k=k, iwae_n=log_px.numel(), iwae_pick=args.iwae_pick,
                        iwae_minutes=(time.time() - start) / 60)
         start = time.time()
         model.sample(16, generator=torch.Generator().manual_seed(0))
@@ -302,7 +312,8 @@ def table(rows: list[dict]) -> str:
              + (" FID | KID (× 10³) | FID+KID time |" if fid else ""),
              "|---|---|---|---|---|---|---|" + ("---|---|---|" if fid else "")]
     for r in rows:
-        iwae = f"{pm(r, 'nll_nats', 2)} (K = {r['k']}, {r['iwae_n']} images)" if "nll_nats" in r else "—"
+        picked = "random " if r.get("iwae_pick") == "random" else ""
+        iwae = f"{pm(r, 'nll_nats', 2)} (K = {r['k']}, {r['iwae_n']} {picked}images)" if "nll_nats" in r else "—"
         line = (f"| {r['variant']} MNIST | {r['model']} ({r['eval_n']} test images) | {pm(r, 'nelbo_nats', 2)} | "
                 f"{pm(r, 'nelbo_bpd', 4)} | {iwae} | {r['sample_seconds_per_image']:.3f} | "
                 f"{r['train_minutes']:.1f} min, {r['epochs']:.1f} epochs |")
@@ -334,7 +345,8 @@ def main() -> None:
             args.reference = args.inception(test[: args.fid_ref])
             print(f"  {variant}: reference features of {len(args.reference)} test images, "
                   f"{time.time() - start:.0f} s", file=sys.stderr)
-        rows += run_variant(variant, train_u8, test[: max(args.eval_n, args.iwae_n)], args)
+        keep = len(test) if args.iwae_pick == "random" else max(args.eval_n, args.iwae_n)
+        rows += run_variant(variant, train_u8, test[:keep], args)
     text = table(rows)
     (args.out / "table.md").write_text(text + "\n")
     print(text, file=sys.stderr)

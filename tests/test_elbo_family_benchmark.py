@@ -58,3 +58,14 @@ def test_the_family_benchmark_scores_each_model_with_fid_and_writes_the_table(tm
     training = [[line.split("|")[7] for line in (d / "table.md").read_text().splitlines()[2:] if "vae-more" not in line]
                 for d in (tmp_path, tmp_path / "again")]
     assert training[0] == training[1]
+    # --iwae-pick random: the estimate on test images drawn from the whole set, not the first ones
+    picked = subprocess.run(
+        [sys.executable, "benchmarks/elbo_family.py", "--variants", "8bit", "--models", "vae", "--eval-n", "8",
+         "--iwae-n", "4", "--k-vae", "3", "--iwae-pick", "random", "--threads", "1", "--load", str(tmp_path),
+         "--out", str(tmp_path / "picked")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert picked.returncode == 0, picked.stderr[-2000:]
+    (row,) = [json.loads(line) for line in picked.stdout.splitlines()]
+    assert row["iwae_pick"] == "random" and row["iwae_n"] == 4 and row["nelbo_nats"] == rows[0]["nelbo_nats"]
+    assert row["nll_nats"] != rows[0]["nll_nats"]  # other images than the first four
+    assert "(K = 3, 4 random images)" in (tmp_path / "picked" / "table.md").read_text()
