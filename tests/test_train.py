@@ -224,6 +224,26 @@ def test_a_resume_that_would_change_the_model_is_refused(trained, tmp_path, caps
         assert (run / "config.toml").read_text() == config  # the run is left as it was
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_that_settings_default(trained, tmp_path, capsys):
+    """A model setting added to elbox later is missing from an older checkpoint: that model had its default, so the
+    resume goes on; had it another value (a real change), the resume is refused as before."""
+    defaults = RunConfig(model="ddpm", model_config=DDPMConfig()).to_dict()["ddpm"]
+    for value_is_default in (True, False):
+        run = tmp_path / f"run-{value_is_default}"
+        shutil.copytree(trained, run)
+        latest = run / "checkpoints" / "step-0000002"
+        manifest = json.loads((latest / "manifest.json").read_text())
+        config = manifest["model"]["config"]
+        key = next(k for k in config if (config[k] == defaults[k]) == value_is_default and k in defaults)
+        del config[key]
+        manifest["checksum"] = ckpt._manifest_checksum(manifest)
+        (latest / "manifest.json").write_text(json.dumps(manifest))
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), "--steps", "3"]) == (0 if value_is_default else 2), key
+        if not value_is_default:
+            assert "holds a different model" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- NaN and Inf
 class FlakyDDPM(DDPM):
     """A DDPM whose loss goes NaN (a term) or whose gradient goes NaN on chosen steps: real non-finite values."""

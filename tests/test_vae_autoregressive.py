@@ -116,6 +116,20 @@ def test_autoregressive_decoding_draws_pixels_and_returns_their_conditional_mean
     assert vae.reconstruct(torch.ones(2, 1, 4, 3, dtype=torch.float64)).shape == (2, 1, 4, 3)
 
 
+@pytest.mark.parametrize("cond", [False, True])
+def test_the_means_of_a_draw_are_the_teacher_forced_conditionals_of_the_pixels_drawn(cond):
+    """Each pixel's mean returned by decode is p(x_i | z, x_<i) at the pixels drawn before it: the same numbers as
+    one teacher-forced pass over the finished draw (the context at i sees only pixels before i)."""
+    vae = with_random_context(VAE(VAEConfig(arch="conv-mlp", **SMALL, ar_cond=cond), (1, 4, 3)))
+    drawn, draw = [], vae.likelihood.draw
+    vae.likelihood.draw = lambda params, generator: drawn.append(draw(params, generator)) or drawn[-1]
+    z = torch.randn(5, 2, dtype=torch.float64)
+    means = vae.decode(z, generator=torch.Generator().manual_seed(3))
+    x = torch.stack(drawn, dim=-1).view(5, 1, 4, 3)  # raster order
+    params = vae.decoder_params(z)
+    torch.testing.assert_close(means, vae.likelihood.mean(params + vae.context(x, params if cond else None)))
+
+
 @pytest.mark.parametrize(
     "kwargs, shape, match",
     [

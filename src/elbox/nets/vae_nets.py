@@ -11,7 +11,8 @@ log p(x|z)).
   blocks, and a linear map between the last feature map and z.
 - ``ARContext``: a PixelCNN-style masked convolution over the pixels that come before each pixel in raster order
   (van den Oord et al. 2016), whose output the VAE adds to the decoder's parameters: an autoregressive decoder
-  p(x|z) = prod_i p(x_i | z, x_<i) with a small receptive field, as in PixelVAE (Gulrajani et al. 2017).
+  p(x|z) = prod_i p(x_i | z, x_<i) with a small receptive field, as in PixelVAE (Gulrajani et al. 2017); optionally
+  conditioned on the decoder's output map too, so that z and the earlier pixels interact.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ class MaskedConv2d(nn.Conv2d):
 
 
 class ARContext(nn.Module):
-    """x (B, C, H, W) -> (B, out_channels, H, W), where output pixel i depends only on input pixels before i.
+    """x (B, C, H, W) -> (B, out_channels, H, W), where output pixel i depends only on input pixels before i (and,
+    when conditioned, on the decoder's output map, which depends on z alone).
 
     One masked ``kernel_size`` convolution (mask A), then ``layers`` residual masked 3x3 convolutions (mask B,
     pre-activation, as in PixelCNN: each sees one row further up and one column further each way), a nonlinearity

@@ -11,10 +11,10 @@ the training ``loss``, never the reported terms.
 ``iwae_bound`` is the importance-weighted estimate of log p(x) used to report test likelihoods (Burda et al. 2016).
 
 Options beyond Kingma & Welling: a conv encoder with the mlp decoder (``arch="conv-mlp"``), and an autoregressive
-decoder p(x|z) = prod_i p(x_i | z, x_<i) whose context is one small masked convolution over earlier pixels
-(``ar_kernel``; PixelVAE, Gulrajani et al. 2017). Both keep scoring cheap: the decoder runs once per importance
-sample, the encoder and the context once per example (a context conditioned on z, ``ar_cond``, runs its layers after
-the first once per sample).
+decoder p(x|z) = prod_i p(x_i | z, x_<i) whose context is a small stack of masked convolutions over earlier
+pixels (``ar_kernel``, ``ar_layers``; PixelVAE, Gulrajani et al. 2017), optionally conditioned on z (``ar_cond``).
+Both keep scoring cheap: the decoder runs once per importance sample, the encoder and the context once per example
+(a context conditioned on z runs its layers after the first once per sample).
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ class VAEConfig:
     autoregressive over pixels, p(x|z) = prod_i p(x_i | z, x_<i): a masked convolution of that size over the
     pixels before i (raster order) adds to the decoder's parameters (PixelVAE, Gulrajani et al. 2017, with one
     small masked layer, or ``ar_layers`` more masked 3x3 layers after it). It is cheap to train and to score, but
-    decoding then draws the pixels one by one.
+    decoding then draws the pixels one by one. With ``ar_cond`` the context sees z as well (through the decoder's
+    output map, at every pixel), so z and the earlier pixels interact rather than only add their logits; scoring
+    then runs the context's later layers once per importance sample.
     """
 
     arch: Arch = "mlp"  # networks: mlp (Kingma & Welling; any shape), conv (images), conv-mlp (conv enc., mlp dec.)
@@ -307,9 +309,9 @@ class VAE(ELBOModel):
 
         E[L_k] rises with k towards log p(x) (their theorem 1); L_1 is the ELBO. The k samples are drawn ``chunk``
         at a time (the encoder runs once) and the chunks' log-sum-exps are combined, so memory holds chunk * B
-        decoder outputs at a time, whatever k is. Gradients flow through it (an IWAE objective could use it), so
-        evaluate under ``torch.no_grad()``, or the graph of every chunk is kept. The z samples come from
-        ``generator`` (default: the global RNG).
+        decoder outputs at a time (with ``ar_cond``, as many hidden maps of the context too), whatever k is.
+        Gradients flow through it (an IWAE objective could use it), so evaluate under ``torch.no_grad()``, or the
+        graph of every chunk is kept. The z samples come from ``generator`` (default: the global RNG).
         """
         if int(k) != k or k < 1:
             raise UserError(f"the number of importance samples k must be an integer >= 1; got {k}")

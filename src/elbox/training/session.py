@@ -252,7 +252,9 @@ def _restore(state: ckpt.Checkpoint, run: Run) -> int:  # pragma: no mutate bloc
     cfg, model, ema, optimizer, scaler, loader, info = (run.cfg, run.model, run.ema, run.optimizer, run.scaler,
                                                        run.loader, run.info)
     saved, now = state.description["config"], cfg.to_dict()[cfg.model]
-    changed = [k for k in now if saved.get(k) != now[k]]
+    # a setting added to elbox after the checkpoint was written is missing from it: that model had the default
+    default = RunConfig(model=cfg.model, model_config=type(cfg.model_config)()).to_dict()[cfg.model]
+    changed = [k for k in now if saved.get(k, default[k]) != now[k]]
     if state.description["kind"] != cfg.model or changed:
         what = (f"{changed[0]}={saved.get(changed[0])!r}, now {now[changed[0]]!r}" if changed
                 else f"a {state.description['kind']}")
