@@ -234,7 +234,7 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_with_that_settings_d
         latest = run / "checkpoints" / "step-0000002"
         manifest = json.loads((latest / "manifest.json").read_text())
         config = manifest["model"]["config"]
-        key = next(k for k in config if (config[k] == defaults[k]) == value_is_default and k in defaults)
+        key = next(k for k in config if k in defaults and (config[k] == defaults[k]) == value_is_default)
         del config[key]
         manifest["checksum"] = ckpt._manifest_checksum(manifest)
         (latest / "manifest.json").write_text(json.dumps(manifest))
