@@ -26,6 +26,7 @@ from elbox.objectives.diffusion import (
     GaussianDiffusion,
     LossType,
     MeanType,
+    MixedDenoiser,
     Schedule,
     TimestepSampler,
     VarType,
@@ -57,6 +58,7 @@ class DDPMConfig:
     dropout: float | None = None  # U-Net dropout; None keeps the preset's
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] when sampling and evaluating (8-bit data only)
     data_kind: DataKind = "auto"  # 8bit (discretized L_0, clipping), continuous (Gaussian L_0) or auto (the data set's kind)
+    mixed_prediction: bool = False  # predict a residual over N(0, I)'s exact denoiser (LSGM), for continuous data
 
     def __post_init__(self) -> None:
         if not 1 <= self.timesteps <= 100_000:
@@ -72,6 +74,9 @@ class DDPMConfig:
             raise UserError(f"data_kind={self.data_kind!r} is not allowed; choose 8bit, continuous or auto")
         if self.loss == "hybrid" and self.var_type != "learned":
             raise UserError("loss='hybrid' trains only the variance through its vlb part; use var_type='learned'")
+        if self.mixed_prediction and self.data_kind == "8bit":
+            raise UserError("mixed_prediction=True starts the model at N(0, I), a prior for continuous latents; 8-bit "
+                            "images are not near N(0, I): leave it off, or use data_kind='continuous'")
 
 
 class DDPM(ELBOModel):
@@ -97,6 +102,8 @@ class DDPM(ELBOModel):
             decoder="discretized" if self.discrete else "continuous",
         )
         self.net = build_denoiser(config, self.data_shape, self.diffusion.model_output_channels_factor)
+        if config.mixed_prediction:
+            self.net = MixedDenoiser(self.net, self.diffusion)
         self.clip_denoised = config.clip_denoised and self.discrete
 
     @property

@@ -295,3 +295,33 @@ class GaussianDiffusion(nn.Module):
                 else:
                     self.loss_history[ti, count] = li
                     self.loss_history_count[ti] += 1
+
+
+class MixedDenoiser(nn.Module):
+    """A denoiser that predicts a residual over the exact denoiser of N(0, I) data (LSGM's mixed score
+    parameterisation, Vahdat, Kreis & Kautz 2021, sec. 3.2), for a diffusion prior over a VAE's latents.
+
+    For x_0 ~ N(0, I) and a variance-preserving schedule, x_t ~ N(0, I) at every t and the reverse step is known:
+    E[eps | x_t] = sqrt(1 - abar_t) x_t, E[x_0 | x_t] = sqrt(abar_t) x_t, E[v | x_t] = 0, and
+    q(x_{t-1} | x_t) has variance beta_t (learned variance: v = 1 in eq. 15 of Nichol & Dhariwal, at t = 1 too,
+    where beta_1 is the upper end). The output is that plus ``net(x_t, t)``; with the net's zero-initialised last
+    layer the untrained prior IS N(0, I): its bound is exactly -log N(x_0; 0, I) (every trajectory's weight is
+    p(x_0)), so a latent prior starts at the VAE's own and trains only where the latents leave N(0, I). The
+    schedule enters here, as coefficients; the wrapped network still knows nothing of it.
+    """
+
+    def __init__(self, net: nn.Module, diffusion: GaussianDiffusion) -> None:
+        super().__init__()
+        self.net = net
+        self.learned_variance = diffusion.var_type == "learned"
+        coefficient = {"epsilon": diffusion.sqrt_one_minus_alphas_cumprod, "x0": diffusion.sqrt_alphas_cumprod,
+                       "v": torch.zeros_like(diffusion.betas)}[diffusion.mean_type]
+        self.register_buffer("coefficient", coefficient.clone(), persistent=False)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        baseline = GaussianDiffusion._extract(self.coefficient, t, x_t) * x_t
+        if self.learned_variance:  # v = 1: Sigma = beta_t, the Gaussian's reverse variance
+            baseline = torch.cat([baseline, torch.ones_like(x_t)], dim=1)
+        return baseline + self.net(x_t, t)
