@@ -20,7 +20,9 @@ measured on 2,000 training images first. With ``--e2e-minutes``, that model is t
 ``ldm-e2e``): the VAE too, on the whole bound, its encoder pulled by the prior's cross-entropy term (LSGM,
 ``LDMConfig.end_to_end``), the prior on its own loss. Its control, ``--vae-more-minutes``: the VAE alone trained on
 for as long, at the same learning rate and batch (a row ``vae-more``), so that a gain of the end-to-end model is
-not just more training of its VAE.
+not just more training of its VAE. With ``--ldm-mixed`` the prior predicts a residual over the exact denoiser
+of N(0, I) latents (``DDPMConfig.mixed_prediction``, LSGM's mixed score) at latent scale 1, so it starts as the
+VAE's own prior. ``--vae-from FILE`` takes a VAE saved by an earlier ``--save`` run instead of training one.
 
 Scores, on the first ``--eval-n`` test images, mean and standard error over images:
 - ``-ELBO``: each model's full negative ELBO (``bound``: every timestep of a DDPM computed, one draw of x_t each;
@@ -64,6 +66,7 @@ from elbox.training.ema import EMA
 from elbox.viz import image_grid, save_png
 
 DIMS = 28 * 28
+DECODERS = {"binarized": "bernoulli", "8bit": "discretized-logistic"}  # the VAE's decoder for each variant
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,6 +92,9 @@ def parse_args() -> argparse.Namespace:
                    help="residual masked 3x3 layers after that context's first (VAEConfig.ar_layers)")
     p.add_argument("--vae-ar-cond", action="store_true",
                    help="z conditions that context too, through the decoder's output map (VAEConfig.ar_cond)")
+    p.add_argument("--ldm-mixed", action="store_true",
+                   help="the LDM's prior predicts a residual over the exact denoiser of N(0, I) latents "
+                        "(DDPMConfig.mixed_prediction, LSGM), at latent scale 1: untrained, it is the VAE's own prior")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--eval-n", type=int, default=1000, help="test images for the bound")
     p.add_argument("--eval-n-ddpm", type=int, default=100, help="test images for the DDPM's bound (T U-Net passes each)")
@@ -111,6 +117,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--save", action="store_true", help="also write each trained model's weights to OUT/VARIANT-MODEL.pt "
                    "(for a later evaluation at a larger K)")
     p.add_argument("--load", type=Path, help="score the models saved (--save) in this folder instead of training them")
+    p.add_argument("--vae-from", type=Path,
+                   help="take the VAE saved (--save) in this file (OUT/VARIANT-vae.pt of an earlier run, one variant) "
+                        "instead of training one, with its own settings (--latent-dim, --vae-ar-* do not apply); the "
+                        "other models train over it")
     return p.parse_args()
 
 
@@ -189,7 +199,6 @@ def score(model, name: str, test_u8: torch.Tensor, args, k: int, variant: str, e
     out["samples"] = str(path)
     if args.fid_num:
         out.update(quality(model, name, args))
-    print(json.dumps(out), flush=True)
     return out
 
 
@@ -215,16 +224,23 @@ def trained(name: str, variant: str, args, fit_model) -> dict:
     """``fit_model()`` (train_for's record, the model under "model"), or with ``--load`` the model saved there; with
     ``--save`` the weights, config and training record go to OUT/VARIANT-NAME.pt."""
     classes = {"vae": (VAE, VAEConfig), "ldm": (LDM, LDMConfig), "ldm-e2e": (LDM, LDMConfig), "ddpm": (DDPM, DDPMConfig)}
-    if args.load:
-        path = args.load / f"{variant}-{name}.pt"
+    path = args.load / f"{variant}-{name}.pt" if args.load else args.vae_from if name == "vae" else None
+    if path:
         if not path.is_file():
-            sys.exit(f"--load {args.load}: it holds no {path.name}; write it with a run that has --save")
+            flag = f"--load {args.load}: it holds no {path.name}" if args.load else f"--vae-from {path}: no such file"
+            sys.exit(f"{flag}; write it with a run that has --save")
         saved = torch.load(path, weights_only=True)
+        if name == "vae" and saved["config"]["decoder"] != DECODERS[variant]:
+            sys.exit(f"{path}: its VAE has a {saved['config']['decoder']} decoder, not the {DECODERS[variant]} one of "
+                     f"{variant} MNIST; choose the file of that variant, or --variants to match")
         model_cls, config_cls = classes[name]
         model = model_cls(config_cls(**saved["config"]), (1, 28, 28))
         model.load_state_dict(saved["state_dict"])
-        return {**saved["fit"], "model": model.eval()}
-    fit = fit_model()
+        fit = {**saved["fit"], "model": model.eval()}
+        if args.load:
+            return fit
+    else:
+        fit = fit_model()
     if args.save:
         record = {k: v for k, v in fit.items() if k != "model"}
         torch.save({"state_dict": fit["model"].state_dict(), "config": dataclasses.asdict(fit["model"].config),
@@ -234,8 +250,13 @@ def trained(name: str, variant: str, args, fit_model) -> dict:
 
 def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> list[dict]:
     torch.manual_seed(args.seed)
-    decoder = "bernoulli" if variant == "binarized" else "discretized-logistic"
+    decoder = DECODERS[variant]
     rows = []
+
+    def emit(row: dict) -> None:  # a model's scores and training record, printed as soon as it is done
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
     if "vae" in args.models:
         vae = VAE(VAEConfig(arch="conv-mlp", res_blocks=0, activation="silu", latent_dim=args.latent_dim,
                             decoder=decoder, ar_kernel=args.vae_ar_kernel, ar_layers=args.vae_ar_layers,
@@ -244,19 +265,19 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
         fit = trained("vae", variant, args, lambda: train_for(vae, list(vae.parameters()), args.vae_minutes or
                                                               args.minutes, 100, 1e-3, train_u8, variant, args.seed))
         vae = fit.pop("model")
-        rows.append({**score(vae, "vae", test_u8, args, args.k_vae, variant, args.eval_n), **fit})
+        emit({**score(vae, "vae", test_u8, args, args.k_vae, variant, args.eval_n), **fit})
         if args.vae_more_minutes:
             more = train_for(copy.deepcopy(vae), None, args.vae_more_minutes, 128, args.e2e_lr, train_u8, variant,
                              args.seed)
             model = more.pop("model")
-            rows.append({**score(model, "vae-more", test_u8, args, args.k_vae, variant, args.eval_n), **more})
+            emit({**score(model, "vae-more", test_u8, args, args.k_vae, variant, args.eval_n), **more})
     if "ldm" in args.models:
         row, ldm = train_ldm(vae, variant, train_u8, test_u8, args)
-        rows.append(row)
+        emit(row)
         if args.e2e_minutes:
-            rows.append(fine_tune_end_to_end(ldm, variant, train_u8, test_u8, args))
+            emit(fine_tune_end_to_end(ldm, variant, train_u8, test_u8, args))
     if "ddpm" in args.models:
-        rows.append(train_ddpm(variant, train_u8, test_u8, args))
+        emit(train_ddpm(variant, train_u8, test_u8, args))
     return rows
 
 
@@ -268,14 +289,16 @@ def train_ldm(vae: VAE, variant: str, train_u8: torch.Tensor, test_u8: torch.Ten
         scale = 1.0 / float((mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)).std())
     # vae_config: the VAE's description, so that a saved LDM (--save) rebuilds with its VAE inside
     vae_config = json.dumps({"config": dataclasses.asdict(vae.config), "data_shape": list(vae.data_shape)})
-    ldm = LDM(LDMConfig(timesteps=args.timesteps, net="mlp", latent_scale=scale, vae_config=vae_config), (1, 28, 28),
-              vae=vae)
+    if args.ldm_mixed:  # at s = 1 the untrained prior is N(0, I), the VAE's own
+        scale = 1.0
+    ldm = LDM(LDMConfig(timesteps=args.timesteps, net="mlp", latent_scale=scale, vae_config=vae_config,
+                        mixed_prediction=args.ldm_mixed), (1, 28, 28), vae=vae)
     fit = trained("ldm", variant, args, lambda: train_for(ldm, list(ldm.prior.parameters()), args.ldm_minutes or
                                                           args.minutes, 256, 1e-3, train_u8, variant, args.seed,
                                                           args.ema))
     model = fit.pop("model")
     return {**score(model, "ldm", test_u8, args, args.k_ldm, variant, args.eval_n), **fit,
-            "latent_scale": float(model.latent_scale)}, model
+            "latent_scale": float(model.latent_scale), "mixed_prediction": model.config.mixed_prediction}, model
 
 
 def fine_tune_end_to_end(ldm: LDM, variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> dict:
@@ -291,7 +314,7 @@ def fine_tune_end_to_end(ldm: LDM, variant: str, train_u8: torch.Tensor, test_u8
     fit = trained("ldm-e2e", variant, args, fit_model)
     model = fit.pop("model")
     return {**score(model, "ldm-e2e", test_u8, args, args.k_ldm, variant, args.eval_n), **fit,
-            "latent_scale": float(model.latent_scale)}
+            "latent_scale": float(model.latent_scale), "mixed_prediction": model.config.mixed_prediction}
 
 
 def train_ddpm(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> dict:
@@ -314,7 +337,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         picked = "random " if r.get("iwae_pick") == "random" else ""
         iwae = f"{pm(r, 'nll_nats', 2)} (K = {r['k']}, {r['iwae_n']} {picked}images)" if "nll_nats" in r else "—"
-        line = (f"| {r['variant']} MNIST | {r['model']} ({r['eval_n']} test images) | {pm(r, 'nelbo_nats', 2)} | "
+        mixed = ", mixed prediction" if r.get("mixed_prediction") else ""
+        line = (f"| {r['variant']} MNIST | {r['model']} ({r['eval_n']} test images{mixed}) | {pm(r, 'nelbo_nats', 2)} | "
                 f"{pm(r, 'nelbo_bpd', 4)} | {iwae} | {r['sample_seconds_per_image']:.3f} | "
                 f"{r['train_minutes']:.1f} min, {r['epochs']:.1f} epochs |")
         if fid:
@@ -331,6 +355,8 @@ def main() -> None:
     args = parse_args()
     if "ldm" in args.models and "vae" not in args.models:
         sys.exit("--models ldm needs vae too: the LDM's prior is trained over that VAE's latents")
+    if args.vae_from and (args.load or len(args.variants) > 1):
+        sys.exit("--vae-from takes one saved VAE, for one variant: give --variants binarized or 8bit, and no --load")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

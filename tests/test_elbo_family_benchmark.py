@@ -69,3 +69,27 @@ def test_the_family_benchmark_scores_each_model_with_fid_and_writes_the_table(tm
     assert row["iwae_pick"] == "random" and row["iwae_n"] == 4 and row["nelbo_nats"] == rows[0]["nelbo_nats"]
     assert row["nll_nats"] != rows[0]["nll_nats"]  # other images than the first four
     assert "(K = 3, 4 random images)" in (tmp_path / "picked" / "table.md").read_text()
+    # --vae-from: the saved VAE, not trained again, under a new prior; --ldm-mixed: a mixed-prediction prior at s = 1
+    mixed = subprocess.run(
+        [sys.executable, "benchmarks/elbo_family.py", "--variants", "8bit", "--models", "vae", "ldm", "--timesteps", "8",
+         "--ldm-minutes", "0.01", "--ldm-mixed", "--eval-n", "8", "--iwae-n", "4", "--k-vae", "3", "--k-ldm", "2",
+         "--threads", "1", "--vae-from", str(tmp_path / "8bit-vae.pt"), "--save", "--out", str(tmp_path / "mixed")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert mixed.returncode == 0, mixed.stderr[-2000:]
+    vae_row, ldm_row = [json.loads(line) for line in mixed.stdout.splitlines()]
+    assert "trained VAE" not in mixed.stderr and "trained LDM" in mixed.stderr
+    assert vae_row["nelbo_nats"] == rows[0]["nelbo_nats"] and vae_row["nll_nats"] == rows[0]["nll_nats"]
+    assert ldm_row["mixed_prediction"] and ldm_row["latent_scale"] == 1.0 and not rows[2]["mixed_prediction"]
+    assert "mixed prediction" in (tmp_path / "mixed" / "table.md").read_text()
+    assert (tmp_path / "mixed" / "8bit-vae.pt").is_file()  # --save writes the VAE it was given too
+
+    def refused(variants, vae_file):
+        done = subprocess.run([sys.executable, "benchmarks/elbo_family.py", "--variants", *variants, "--models", "vae",
+                               "--vae-from", str(tmp_path / vae_file), "--out", str(tmp_path / "x")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        return done.stderr
+
+    assert refused(["8bit"], "nothing.pt").strip().endswith("no such file; write it with a run that has --save")
+    assert "not the bernoulli one of binarized MNIST" in refused(["binarized"], "8bit-vae.pt")
+    assert "for one variant" in refused(["binarized", "8bit"], "8bit-vae.pt")

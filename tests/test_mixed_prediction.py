@@ -68,6 +68,21 @@ def test_an_untrained_mixed_latent_prior_gives_the_vaes_own_importance_weights()
         torch.testing.assert_close(got, want.double(), rtol=0, atol=1e-8)
 
 
+def test_the_end_to_end_gradient_through_an_untrained_mixed_prior_is_that_of_n01():
+    """End-to-end latent diffusion sends the encoder the gradient of the single-t estimate ``bound_estimate`` (the
+    wrapped network rerun on detached weights); at the start it must be the gradient of -log N(z; 0, I), z, on
+    average."""
+    model = mixed_ddpm(timesteps=20)
+    z = 1.5 * torch.randn(4, 3, dtype=torch.float64)
+    n = 4000
+    zs = z.repeat(n, 1).requires_grad_(True)
+    terms = model.bound_estimate(zs)
+    sum(terms.terms.values()).sum().backward()
+    grad = zs.grad.view(n, 4, 3)
+    se = grad.std(0) / math.sqrt(n)
+    assert torch.all((grad.mean(0) - z).abs() < 5 * se) and torch.all(se < 0.03), (grad.mean(0) - z, se)
+
+
 def test_training_the_residual_beats_n01_where_the_data_leave_it():
     """Data: one bimodal coordinate (+-1.2, sd 0.3) beside one N(0, 1). The mixed prior starts at N(0, I)'s
     -log p(x) (3.10 nats here) and, trained on its bound for a few hundred steps, goes well below it, staying above

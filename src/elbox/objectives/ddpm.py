@@ -58,7 +58,7 @@ class DDPMConfig:
     dropout: float | None = None  # U-Net dropout; None keeps the preset's
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] when sampling and evaluating (8-bit data only)
     data_kind: DataKind = "auto"  # 8bit (discretized L_0, clipping), continuous (Gaussian L_0) or auto (the data set's kind)
-    mixed_prediction: bool = False  # predict a residual over N(0, I)'s exact denoiser (LSGM), for continuous data
+    mixed_prediction: bool = False  # a residual over N(0, I)'s exact denoiser (LSGM); at latent scale 1: N(0, I) at start
 
     def __post_init__(self) -> None:
         if not 1 <= self.timesteps <= 100_000:

@@ -305,9 +305,12 @@ class MixedDenoiser(nn.Module):
     E[eps | x_t] = sqrt(1 - abar_t) x_t, E[x_0 | x_t] = sqrt(abar_t) x_t, E[v | x_t] = 0, and
     q(x_{t-1} | x_t) has variance beta_t (learned variance: v = 1 in eq. 15 of Nichol & Dhariwal, at t = 1 too,
     where beta_1 is the upper end). The output is that plus ``net(x_t, t)``; with the net's zero-initialised last
-    layer the untrained prior IS N(0, I): its bound is exactly -log N(x_0; 0, I) (every trajectory's weight is
-    p(x_0)), so a latent prior starts at the VAE's own and trains only where the latents leave N(0, I). The
-    schedule enters here, as coefficients; the wrapped network still knows nothing of it.
+    layer and a learned variance, the untrained model IS N(0, I): its bound is exactly -log N(x_0; 0, I) (every
+    trajectory's weight is p(x_0)), so a latent prior at scale s = 1 starts at the VAE's own and trains only where
+    the latents leave N(0, I). (With a fixed variance only the mean is exact: beta-tilde_t, or beta-tilde_2 at t = 1,
+    is not beta_t.) The network can still cancel the baseline: nothing is lost in what it can express. LSGM mixes
+    the two with a learned per-dimension weight instead; a zero-initialised residual starts exactly at N(0, I).
+    The schedule enters here, as coefficients; the wrapped network still knows nothing of it.
     """
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion) -> None:
