@@ -22,7 +22,9 @@ measured on 2,000 training images first. With ``--e2e-minutes``, that model is t
 for as long, at the same learning rate and batch (a row ``vae-more``), so that a gain of the end-to-end model is
 not just more training of its VAE. With ``--ldm-mixed`` the prior predicts a residual over the exact denoiser
 of N(0, I) latents (``DDPMConfig.mixed_prediction``, LSGM's mixed score) at latent scale 1, so it starts as the
-VAE's own prior. ``--vae-from FILE`` takes a VAE saved by an earlier ``--save`` run instead of training one.
+VAE's own prior. ``--vae-from FILE`` takes a VAE saved by an earlier ``--save`` run instead of training one,
+``--ldm-from FILE`` a latent diffusion model (fine-tuned end to end from there with ``--e2e-minutes``), and
+``--skip-taken`` leaves those two unscored.
 
 Scores, on the first ``--eval-n`` test images, mean and standard error over images:
 - ``-ELBO``: each model's full negative ELBO (``bound``: every timestep of a DDPM computed, one draw of x_t each;
@@ -121,6 +123,11 @@ def parse_args() -> argparse.Namespace:
                    help="take the VAE saved (--save) in this file (OUT/VARIANT-vae.pt of an earlier run, one variant) "
                         "instead of training one, with its own settings (--latent-dim, --vae-ar-* do not apply); the "
                         "other models train over it")
+    p.add_argument("--ldm-from", type=Path,
+                   help="take the latent diffusion model saved (--save) in this file (its VAE inside) instead of "
+                        "training its prior; --e2e-minutes fine-tunes it from there")
+    p.add_argument("--skip-taken", action="store_true",
+                   help="score only what this run trains: no rows for the models of --vae-from and --ldm-from")
     return p.parse_args()
 
 
@@ -224,10 +231,11 @@ def trained(name: str, variant: str, args, fit_model) -> dict:
     """``fit_model()`` (train_for's record, the model under "model"), or with ``--load`` the model saved there; with
     ``--save`` the weights, config and training record go to OUT/VARIANT-NAME.pt."""
     classes = {"vae": (VAE, VAEConfig), "ldm": (LDM, LDMConfig), "ldm-e2e": (LDM, LDMConfig), "ddpm": (DDPM, DDPMConfig)}
-    path = args.load / f"{variant}-{name}.pt" if args.load else args.vae_from if name == "vae" else None
+    path = args.load / f"{variant}-{name}.pt" if args.load else {"vae": args.vae_from, "ldm": args.ldm_from}.get(name)
     if path:
         if not path.is_file():
-            flag = f"--load {args.load}: it holds no {path.name}" if args.load else f"--vae-from {path}: no such file"
+            flag = (f"--load {args.load}: it holds no {path.name}" if args.load
+                    else f"--{name}-from {path}: no such file")
             sys.exit(f"{flag}; write it with a run that has --save")
         saved = torch.load(path, weights_only=True)
         if name == "vae" and saved["config"]["decoder"] != DECODERS[variant]:
@@ -265,7 +273,8 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
         fit = trained("vae", variant, args, lambda: train_for(vae, list(vae.parameters()), args.vae_minutes or
                                                               args.minutes, 100, 1e-3, train_u8, variant, args.seed))
         vae = fit.pop("model")
-        emit({**score(vae, "vae", test_u8, args, args.k_vae, variant, args.eval_n), **fit})
+        if not (args.skip_taken and args.vae_from):
+            emit({**score(vae, "vae", test_u8, args, args.k_vae, variant, args.eval_n), **fit})
         if args.vae_more_minutes:
             more = train_for(copy.deepcopy(vae), None, args.vae_more_minutes, 128, args.e2e_lr, train_u8, variant,
                              args.seed)
@@ -273,7 +282,8 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
             emit({**score(model, "vae-more", test_u8, args, args.k_vae, variant, args.eval_n), **more})
     if "ldm" in args.models:
         row, ldm = train_ldm(vae, variant, train_u8, test_u8, args)
-        emit(row)
+        if row:
+            emit(row)
         if args.e2e_minutes:
             emit(fine_tune_end_to_end(ldm, variant, train_u8, test_u8, args))
     if "ddpm" in args.models:
@@ -281,7 +291,7 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
     return rows
 
 
-def train_ldm(vae: VAE, variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> dict:
+def train_ldm(vae: VAE, variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> tuple[dict | None, LDM]:
     # the latent scale s = 1 / std(z), z ~ q(z|x) over 2,000 training images (Rombach et al., appendix G)
     with torch.no_grad():
         x = to_model(train_u8[:2000], vae.data_range, generator=torch.Generator().manual_seed(args.seed))
@@ -297,6 +307,8 @@ def train_ldm(vae: VAE, variant: str, train_u8: torch.Tensor, test_u8: torch.Ten
                                                           args.minutes, 256, 1e-3, train_u8, variant, args.seed,
                                                           args.ema))
     model = fit.pop("model")
+    if args.skip_taken and args.ldm_from:
+        return None, model
     return {**score(model, "ldm", test_u8, args, args.k_ldm, variant, args.eval_n), **fit,
             "latent_scale": float(model.latent_scale), "mixed_prediction": model.config.mixed_prediction}, model
 
@@ -355,8 +367,9 @@ def main() -> None:
     args = parse_args()
     if "ldm" in args.models and "vae" not in args.models:
         sys.exit("--models ldm needs vae too: the LDM's prior is trained over that VAE's latents")
-    if args.vae_from and (args.load or len(args.variants) > 1):
-        sys.exit("--vae-from takes one saved VAE, for one variant: give --variants binarized or 8bit, and no --load")
+    for flag, path in (("--vae-from", args.vae_from), ("--ldm-from", args.ldm_from)):
+        if path and (args.load or len(args.variants) > 1):
+            sys.exit(f"{flag} takes one saved model, for one variant: give --variants binarized or 8bit, and no --load")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -93,3 +93,14 @@ def test_the_family_benchmark_scores_each_model_with_fid_and_writes_the_table(tm
     assert refused(["8bit"], "nothing.pt").strip().endswith("no such file; write it with a run that has --save")
     assert "not the bernoulli one of binarized MNIST" in refused(["binarized"], "8bit-vae.pt")
     assert "for one variant" in refused(["binarized", "8bit"], "8bit-vae.pt")
+    # --ldm-from: that mixed model fine-tuned end to end from its saved weights; --skip-taken: only the new row
+    e2e = subprocess.run(
+        [sys.executable, "benchmarks/elbo_family.py", "--variants", "8bit", "--models", "vae", "ldm", "--timesteps", "8",
+         "--vae-from", str(tmp_path / "mixed" / "8bit-vae.pt"), "--ldm-from", str(tmp_path / "mixed" / "8bit-ldm.pt"),
+         "--e2e-minutes", "0.01", "--skip-taken", "--eval-n", "8", "--iwae-n", "4", "--k-ldm", "2", "--threads", "1",
+         "--out", str(tmp_path / "e2e")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert e2e.returncode == 0, e2e.stderr[-2000:]
+    (row,) = [json.loads(line) for line in e2e.stdout.splitlines()]
+    assert row["model"] == "ldm-e2e" and row["mixed_prediction"] and row["latent_scale"] == 1.0
+    assert e2e.stderr.count("trained ") == 1  # the end-to-end fine-tuning only: the VAE and the prior were taken
