@@ -120,9 +120,10 @@ def parse_args() -> argparse.Namespace:
                    "(for a later evaluation at a larger K)")
     p.add_argument("--load", type=Path, help="score the models saved (--save) in this folder instead of training them")
     p.add_argument("--vae-from", type=Path,
-                   help="take the VAE saved (--save) in this file (OUT/VARIANT-vae.pt of an earlier run, one variant) "
-                        "instead of training one, with its own settings (--latent-dim, --vae-ar-* do not apply); the "
-                        "other models train over it")
+                   help="take the VAE saved (--save) in this file (OUT/VARIANT-vae.pt of an earlier run, one variant; "
+                        "or the VAE inside a saved LDM, OUT/VARIANT-ldm*.pt, its training record the LDM's) instead "
+                        "of training one, with its own settings (--latent-dim, --vae-ar-* do not apply); the other "
+                        "models train over it")
     p.add_argument("--ldm-from", type=Path,
                    help="take the latent diffusion model saved (--save) in this file (its VAE inside) instead of "
                         "training its prior; --e2e-minutes fine-tunes it from there")
@@ -238,6 +239,10 @@ def trained(name: str, variant: str, args, fit_model) -> dict:
                     else f"--{name}-from {path}: no such file")
             sys.exit(f"{flag}; write it with a run that has --save")
         saved = torch.load(path, weights_only=True)
+        if name == "vae" and "vae_config" in saved["config"]:  # a saved LDM: the VAE inside it (end to end: as trained)
+            prefix = "vae."
+            saved = {"config": json.loads(saved["config"]["vae_config"])["config"], "fit": saved["fit"],
+                     "state_dict": {k[len(prefix):]: v for k, v in saved["state_dict"].items() if k.startswith(prefix)}}
         if name == "vae" and saved["config"]["decoder"] != DECODERS[variant]:
             sys.exit(f"{path}: its VAE has a {saved['config']['decoder']} decoder, not the {DECODERS[variant]} one of "
                      f"{variant} MNIST; choose the file of that variant, or --variants to match")

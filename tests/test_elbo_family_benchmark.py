@@ -104,3 +104,12 @@ def test_the_family_benchmark_scores_each_model_with_fid_and_writes_the_table(tm
     (row,) = [json.loads(line) for line in e2e.stdout.splitlines()]
     assert row["model"] == "ldm-e2e" and row["mixed_prediction"] and row["latent_scale"] == 1.0
     assert e2e.stderr.count("trained ") == 1  # the end-to-end fine-tuning only: the VAE and the prior were taken
+    # --vae-from a saved LDM: the VAE inside it, here the frozen one of the two-stage model, so the same scores
+    inside = subprocess.run(
+        [sys.executable, "benchmarks/elbo_family.py", "--variants", "8bit", "--models", "vae", "--eval-n", "8",
+         "--iwae-n", "4", "--k-vae", "3", "--threads", "1", "--vae-from", str(tmp_path / "mixed" / "8bit-ldm.pt"),
+         "--out", str(tmp_path / "inside")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert inside.returncode == 0, inside.stderr[-2000:]
+    (row,) = [json.loads(line) for line in inside.stdout.splitlines()]
+    assert row["nelbo_nats"] == rows[0]["nelbo_nats"] and row["nll_nats"] == rows[0]["nll_nats"]
