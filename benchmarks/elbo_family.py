@@ -181,7 +181,8 @@ def score(model, name: str, test_u8: torch.Tensor, args, k: int, variant: str, e
         start = time.time()
         x_eval = x_all[:eval_n]
         nll = torch.cat([model.bound(x_eval[i : i + 100], generator=g).nll.double() for i in range(0, len(x_eval), 100)])
-        out = {"model": name, "variant": variant, "eval_n": nll.numel(), "bound_minutes": (time.time() - start) / 60}
+        out = {"model": name, "variant": variant, "eval_n": nll.numel(), "bound_minutes": (time.time() - start) / 60,
+               "_nelbo": nll}  # per image, for a paired difference (not printed)
         mean, se = _mean_stderr(nll)
         out.update(nelbo_nats=mean, nelbo_nats_se=se, nelbo_bpd=bits_per_dim(mean, DIMS),
                    nelbo_bpd_se=bits_per_dim(se, DIMS))
@@ -267,8 +268,15 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
     rows = []
 
     def emit(row: dict) -> None:  # a model's scores and training record, printed as soon as it is done
+        vae_row = next((r for r in rows if r["model"] == "vae"), None)
+        nelbo = row.pop("_nelbo")
+        if row["model"].startswith("ldm") and vae_row is not None and len(vae_row["_nelbo"]) == len(nelbo):
+            # the prior's gain, paired on the same test images: its standard error is that of the differences
+            row["nelbo_minus_vae"], row["nelbo_minus_vae_se"] = _mean_stderr(nelbo - vae_row["_nelbo"])
+            print(f"  {row['model']} - vae, -ELBO on the same {len(nelbo)} test images: {row['nelbo_minus_vae']:+.3f}"
+                  f" ± {row['nelbo_minus_vae_se']:.3f} nats", file=sys.stderr)
         print(json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append({**row, "_nelbo": nelbo})
 
     if "vae" in args.models:
         vae = VAE(VAEConfig(arch="conv-mlp", res_blocks=0, activation="silu", latent_dim=args.latent_dim,

@@ -39,6 +39,12 @@ def test_the_family_benchmark_scores_each_model_with_fid_and_writes_the_table(tm
         assert math.isfinite(r["kid"]) and r["fid_seconds"] > 0 and Path(r["samples"]).is_file()
     assert [r["fid_sampler"] for r in rows] == ["ancestral"] * 4 + ["ddim"]
     assert rows[1]["nelbo_nats"] != rows[0]["nelbo_nats"]  # the control trained the VAE on
+    for r in rows:  # the prior's gain over its VAE, paired on the same images
+        if r["model"].startswith("ldm"):
+            assert r["nelbo_minus_vae"] == pytest.approx(r["nelbo_nats"] - rows[0]["nelbo_nats"], abs=1e-9)
+            assert 0 < r["nelbo_minus_vae_se"] < math.inf and f"{r['model']} - vae, -ELBO on the same 8" in done.stderr
+        else:
+            assert "nelbo_minus_vae" not in r and "_nelbo" not in r
     table = (tmp_path / "table.md").read_text().splitlines()
     assert "FID" in table[0] and len(table) == 2 + 5 and "(6 vs 5, DDIM)" in table[-1]
     # --save, then --load: the saved models, scored again without training, give the same numbers
