@@ -90,6 +90,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--latent-dim", type=int, default=32)
     p.add_argument("--vae-ar-kernel", type=int, default=0,
                    help="an autoregressive decoder context of this odd kernel (PixelVAE-style; 0: factorized)")
+    p.add_argument("--vae-iwae-k", type=int, default=1,
+                   help="train the VAE (and the --vae-more-minutes control) on the importance-weighted bound of this "
+                        "many samples (VAEConfig.iwae_k; 1: the ELBO)")
+    p.add_argument("--vae-ar-channels", type=int, default=16,
+                   help="hidden channels of that context (VAEConfig.ar_channels)")
     p.add_argument("--vae-ar-layers", type=int, default=0,
                    help="residual masked 3x3 layers after that context's first (VAEConfig.ar_layers)")
     p.add_argument("--vae-ar-cond", action="store_true",
@@ -181,8 +186,9 @@ def score(model, name: str, test_u8: torch.Tensor, args, k: int, variant: str, e
         start = time.time()
         x_eval = x_all[:eval_n]
         nll = torch.cat([model.bound(x_eval[i : i + 100], generator=g).nll.double() for i in range(0, len(x_eval), 100)])
-        out = {"model": name, "variant": variant, "eval_n": nll.numel(), "bound_minutes": (time.time() - start) / 60,
-               "_nelbo": nll}  # per image, for a paired difference (not printed)
+        out = {"model": name, "variant": variant, "parameters": sum(p.numel() for p in model.parameters()),
+               "iwae_k": getattr(model.config, "iwae_k", None),
+               "eval_n": nll.numel(), "bound_minutes": (time.time() - start) / 60, "_nelbo": nll}  # per image, for a paired difference (not printed)
         mean, se = _mean_stderr(nll)
         out.update(nelbo_nats=mean, nelbo_nats_se=se, nelbo_bpd=bits_per_dim(mean, DIMS),
                    nelbo_bpd_se=bits_per_dim(se, DIMS))
@@ -281,7 +287,7 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
     if "vae" in args.models:
         vae = VAE(VAEConfig(arch="conv-mlp", res_blocks=0, activation="silu", latent_dim=args.latent_dim,
                             decoder=decoder, ar_kernel=args.vae_ar_kernel, ar_layers=args.vae_ar_layers,
-                            ar_cond=args.vae_ar_cond),
+                            ar_channels=args.vae_ar_channels, ar_cond=args.vae_ar_cond, iwae_k=args.vae_iwae_k),
                   (1, 28, 28))
         fit = trained("vae", variant, args, lambda: train_for(vae, list(vae.parameters()), args.vae_minutes or
                                                               args.minutes, 100, 1e-3, train_u8, variant, args.seed))
@@ -289,9 +295,13 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
         if not (args.skip_taken and args.vae_from):
             emit({**score(vae, "vae", test_u8, args, args.k_vae, variant, args.eval_n), **fit})
         if args.vae_more_minutes:
-            more = train_for(copy.deepcopy(vae), None, args.vae_more_minutes, 128, args.e2e_lr, train_u8, variant,
-                             args.seed)
+            model = copy.deepcopy(vae)
+            model.config = dataclasses.replace(model.config, iwae_k=args.vae_iwae_k)  # the objective it trains on
+            more = train_for(model, None, args.vae_more_minutes, 128, args.e2e_lr, train_u8, variant, args.seed)
             model = more.pop("model")
+            if args.save:  # to be taken by a later run's --vae-from
+                torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(model.config),
+                            "fit": more}, args.out / f"{variant}-vae-more.pt")
             emit({**score(model, "vae-more", test_u8, args, args.k_vae, variant, args.eval_n), **more})
     if "ldm" in args.models:
         row, ldm = train_ldm(vae, variant, train_u8, test_u8, args)

@@ -119,3 +119,14 @@ def test_the_family_benchmark_scores_each_model_with_fid_and_writes_the_table(tm
     assert inside.returncode == 0, inside.stderr[-2000:]
     (row,) = [json.loads(line) for line in inside.stdout.splitlines()]
     assert row["nelbo_nats"] == rows[0]["nelbo_nats"] and row["nll_nats"] == rows[0]["nll_nats"]
+    # --vae-ar-channels: the autoregressive context's width reaches the VAE (its weights and its saved config)
+    wide = subprocess.run(
+        [sys.executable, "benchmarks/elbo_family.py", "--variants", "binarized", "--models", "vae", "--minutes", "0.01",
+         "--vae-ar-kernel", "3", "--vae-ar-channels", "5", "--vae-ar-cond", "--eval-n", "4", "--k-vae", "0",
+         "--threads", "1", "--save", "--out", str(tmp_path / "wide")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert wide.returncode == 0, wide.stderr[-2000:]
+    (row,) = [json.loads(line) for line in wide.stdout.splitlines()]
+    saved = torch.load(tmp_path / "wide" / "binarized-vae.pt", weights_only=True)
+    assert saved["config"]["ar_channels"] == 5 and saved["state_dict"]["context.masked.weight"].shape[0] == 5
+    assert row["parameters"] == sum(v.numel() for v in saved["state_dict"].values())

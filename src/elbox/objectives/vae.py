@@ -68,6 +68,11 @@ class VAEConfig:
     decoding then draws the pixels one by one. With ``ar_cond`` the context sees z as well (through the decoder's
     output map, at every pixel), so z and the earlier pixels interact rather than only add their logits; scoring
     then runs the context's later layers once per importance sample.
+
+    ``iwae_k`` > 1 trains on the importance-weighted bound L_k with k samples of z per example (the IWAE, Burda et
+    al. 2016, eq. 8) instead of the ELBO (L_1): a tighter bound on log p(x), whose maximum pulls the model towards
+    a higher likelihood rather than towards a posterior that q can match. Each step runs the decoder k times. The
+    reported terms stay those of the ELBO (averaged over the k samples); only the training loss changes.
     """
 
     arch: Arch = "mlp"  # networks: mlp (Kingma & Welling; any shape), conv (images), conv-mlp (conv enc., mlp dec.)
@@ -86,6 +91,7 @@ class VAEConfig:
     ar_channels: int = 16  # hidden channels of that context
     ar_layers: int = 0  # residual masked 3x3 layers after the first (0: one masked layer, the context's default)
     ar_cond: bool = False  # z conditions the context too: the decoder's output map enters it (PixelVAE)
+    iwae_k: int = 1  # train on the importance-weighted bound with this many samples (IWAE; 1: the ELBO)
 
     def __post_init__(self) -> None:
         # tuples may arrive as lists (from JSON or a command line): store them as tuples of int
@@ -132,6 +138,11 @@ class VAEConfig:
         if self.ar_layers and not self.ar_kernel:
             raise UserError(f"ar_layers={self.ar_layers} needs an autoregressive context: set ar_kernel (an odd size "
                             ">= 3) too, or ar_layers=0")
+        if not 1 <= self.iwae_k <= 4096:
+            raise UserError(f"iwae_k={self.iwae_k} is not allowed; use an integer from 1 (the ELBO) to 4096")
+        if self.iwae_k > 1 and (self.beta != 1 or self.kl_warmup_steps):
+            raise UserError(f"iwae_k={self.iwae_k} trains the importance-weighted bound, which has no KL weight; "
+                            "use beta=1 and kl_warmup_steps=0 with it, or iwae_k=1")
         if self.ar_cond and not self.ar_kernel:
             raise UserError("ar_cond=True needs an autoregressive context: set ar_kernel (an odd size >= 3) too, "
                             "or ar_cond=False")
@@ -292,10 +303,26 @@ class VAE(ELBOModel):
         return {"decoder_nll": -self.log_px_given_z(x, z), "kl": kl}
 
     def losses(self, x: Tensor, *, step: int) -> Terms:
-        """The negative ELBO at one z sample per example, as terms; loss = decoder_nll + kl_weight(step) * kl."""
+        """The negative ELBO at one z sample per example, as terms; loss = decoder_nll + kl_weight(step) * kl.
+
+        With ``iwae_k`` = k > 1: loss = -L_k, the negative importance-weighted bound of k samples (Burda et al. 2016,
+        eq. 8), in nats; the terms are the ELBO's, decoder_nll averaged over the same k samples."""
+        if self.config.iwae_k > 1:
+            return self._iwae_losses(x, self.config.iwae_k)
         terms = self._elbo_terms(x)
         loss = terms["decoder_nll"] + self.kl_weight(step) * terms["kl"]
         return Terms(terms=terms, dims=self.dims, loss=loss)
+
+    def _iwae_losses(self, x: Tensor, k: int) -> Terms:
+        self._check(x)
+        mu, logvar = self.encode(x)
+        # the k draws of each example from the trainer's per-step stream (rows of the batch first, as it keeps them)
+        eps = draws.randn_like(mu.unsqueeze(1).expand(mu.shape[0], k, *mu.shape[1:])).movedim(1, 0)
+        log_px, log_prior_ratio = self._log_weights(x, mu, logvar, eps, *self._context_parts(x))
+        # L_k = log 1/k sum_i p(x, z_i) / q(z_i|x); its gradient through the reparameterised z_i is the IWAE's
+        bound_k = torch.logsumexp(log_px + log_prior_ratio, dim=0) - math.log(k)
+        terms = {"decoder_nll": -log_px.mean(0), "kl": standard_normal_kl(mu, logvar).flatten(1).sum(1)}
+        return Terms(terms=terms, dims=self.dims, loss=-bound_k)
 
     def bound(self, x: Tensor, *, generator: torch.Generator | None = None) -> Terms:
         """The negative ELBO (a single-sample, unbiased estimate), as terms in nats; loss = the negative ELBO.
@@ -318,31 +345,40 @@ class VAE(ELBOModel):
         if chunk < 1:
             raise UserError(f"chunk must be >= 1; got {chunk}")
         self._check(x)
-        b = x.shape[0]
         mu, logvar = self.encode(x)
-        std = torch.exp(0.5 * logvar)
-        # the part of the context that depends on x alone is the same for every z: computed once
-        first = None if self.context is None else self.context.first(x)
-        context = None if first is None or self.context.conditioned else self.context.rest(first)
-        total = torch.full((b,), -math.inf, dtype=mu.dtype, device=mu.device)
+        parts = self._context_parts(x)
+        total = torch.full((x.shape[0],), -math.inf, dtype=mu.dtype, device=mu.device)
         done = 0
         while done < k:
             c = min(chunk, k - done)
             eps = draws.randn_from(generator, (c, *mu.shape), mu.device, mu.dtype)
-            z = mu + std * eps  # (c, B, *latent_shape)
-            # log p(z) - log q(z|x); the 1/2 log 2 pi terms cancel, and (z - mu)/sigma is eps itself
-            log_prior_ratio = (-0.5 * z**2 + 0.5 * eps**2 + 0.5 * logvar).flatten(2).sum(-1)
-            x_rep = x.unsqueeze(0).expand(c, *x.shape).reshape(c * b, *x.shape[1:])
-            params = self.decoder(z.reshape(c * b, *mu.shape[1:]))
-            if context is not None:
-                params = (params.view(c, b, *params.shape[1:]) + context).flatten(0, 1)
-            elif first is not None:  # a context conditioned on z: its later layers run once per sample
-                h = first.unsqueeze(0).expand(c, *first.shape).reshape(c * b, *first.shape[1:])
-                params = params + self.context.rest(h, params)
-            log_px = self.likelihood.log_prob(params, x_rep).flatten(1).sum(1).view(c, b)
+            log_px, log_prior_ratio = self._log_weights(x, mu, logvar, eps, *parts)
             total = torch.logaddexp(total, torch.logsumexp(log_px + log_prior_ratio, dim=0))
             done += c
         return total - math.log(k)
+
+    def _context_parts(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The autoregressive context's parts that depend on x alone, the same for every z: its first layer's
+        output, and (unconditioned) the whole context. (None, None) without a context."""
+        first = None if self.context is None else self.context.first(x)
+        return first, None if first is None or self.context.conditioned else self.context.rest(first)
+
+    def _log_weights(self, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor, first: Tensor | None,
+                     context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """log p(x|z_i) and log p(z_i) - log q(z_i|x) for z_i = mu + sigma * eps_i, eps (c, B, *latent_shape):
+        each (c, B). ``first`` and ``context`` are ``_context_parts(x)``."""
+        c, b = eps.shape[:2]
+        z = mu + torch.exp(0.5 * logvar) * eps  # (c, B, *latent_shape)
+        # log p(z) - log q(z|x); the 1/2 log 2 pi terms cancel, and (z - mu)/sigma is eps itself
+        log_prior_ratio = (-0.5 * z**2 + 0.5 * eps**2 + 0.5 * logvar).flatten(2).sum(-1)
+        x_rep = x.unsqueeze(0).expand(c, *x.shape).reshape(c * b, *x.shape[1:])
+        params = self.decoder(z.reshape(c * b, *mu.shape[1:]))
+        if context is not None:
+            params = (params.view(c, b, *params.shape[1:]) + context).flatten(0, 1)
+        elif first is not None:  # a context conditioned on z: its later layers run once per sample
+            h = first.unsqueeze(0).expand(c, *first.shape).reshape(c * b, *first.shape[1:])
+            params = params + self.context.rest(h, params)
+        return self.likelihood.log_prob(params, x_rep).flatten(1).sum(1).view(c, b), log_prior_ratio
 
     # ---- using the model -----------------------------------------------------------------------------------
 
