@@ -188,7 +188,8 @@ def score(model, name: str, test_u8: torch.Tensor, args, k: int, variant: str, e
         nll = torch.cat([model.bound(x_eval[i : i + 100], generator=g).nll.double() for i in range(0, len(x_eval), 100)])
         out = {"model": name, "variant": variant, "parameters": sum(p.numel() for p in model.parameters()),
                "iwae_k": getattr(model.config, "iwae_k", None),
-               "eval_n": nll.numel(), "bound_minutes": (time.time() - start) / 60, "_nelbo": nll}  # per image, for a paired difference (not printed)
+               "eval_n": nll.numel(), "bound_minutes": (time.time() - start) / 60,
+               "_nelbo": nll}  # per image, for a paired difference (not printed)
         mean, se = _mean_stderr(nll)
         out.update(nelbo_nats=mean, nelbo_nats_se=se, nelbo_bpd=bits_per_dim(mean, DIMS),
                    nelbo_bpd_se=bits_per_dim(se, DIMS))

@@ -41,13 +41,14 @@ BATCH = 16
 MODELS = {
     "ddpm": lambda: DDPMConfig(net="micro", timesteps=10),
     "vae": lambda: VAEConfig(hidden=(32,), latent_dim=4),
+    "vae-iwae": lambda: VAEConfig(hidden=(32,), latent_dim=4, iwae_k=4),  # k draws per row, kept as rows are
 }
 
 
 def tiny(kind: str = "ddpm", **train_kw) -> RunConfig:
     t = dict(steps=5, batch_size=BATCH, device="cpu", quiet=True, final_eval_examples=0, num_samples=4, lr=1.0,
              grad_clip=0.0, ema_decay=0.0, log_every=1)
-    return RunConfig(model=kind, model_config=MODELS[kind](), data=DataConfig("digits"),
+    return RunConfig(model=kind.split("-")[0], model_config=MODELS[kind](), data=DataConfig("digits"),
                      train=TrainConfig(**{**t, **train_kw}))
 
 
@@ -228,7 +229,7 @@ def test_a_step_frees_its_gradients_instead_of_keeping_zeros():
     assert [name for name, p in model.named_parameters() if p.grad is not None] == []
 
 
-@pytest.mark.parametrize("kind", ["ddpm", "vae"])
+@pytest.mark.parametrize("kind", ["ddpm", "vae", "vae-iwae"])
 def test_grad_accumulation_gives_the_full_batch_mean_gradient(kind):
     batch = digits_batch()
     g = reference_grad(tiny(kind), fresh_model(tiny(kind)), batch)
