@@ -24,7 +24,9 @@ not just more training of its VAE. With ``--ldm-mixed`` the prior predicts a res
 of N(0, I) latents (``DDPMConfig.mixed_prediction``, LSGM's mixed score) at latent scale 1, so it starts as the
 VAE's own prior. ``--vae-from FILE`` takes a VAE saved by an earlier ``--save`` run instead of training one,
 ``--ldm-from FILE`` a latent diffusion model (fine-tuned end to end from there with ``--e2e-minutes``), and
-``--skip-taken`` leaves those two unscored.
+``--skip-taken`` leaves those two unscored. ``--vae-iwae-k K`` trains the VAE, and that control, on the
+importance-weighted bound of K samples instead of the ELBO (the IWAE, ``VAEConfig.iwae_k``); ``--save`` writes
+the control too (``VARIANT-vae-more.pt``), for a later ``--vae-from``.
 
 Scores, on the first ``--eval-n`` test images, mean and standard error over images:
 - ``-ELBO``: each model's full negative ELBO (``bound``: every timestep of a DDPM computed, one draw of x_t each;
@@ -374,6 +376,7 @@ def table(rows: list[dict]) -> str:
         picked = "random " if r.get("iwae_pick") == "random" else ""
         iwae = f"{pm(r, 'nll_nats', 2)} (K = {r['k']}, {r['iwae_n']} {picked}images)" if "nll_nats" in r else "—"
         mixed = ", mixed prediction" if r.get("mixed_prediction") else ""
+        mixed += f", trained on the IWAE bound, K = {r['iwae_k']}" if (r.get("iwae_k") or 1) > 1 else ""
         line = (f"| {r['variant']} MNIST | {r['model']} ({r['eval_n']} test images{mixed}) | {pm(r, 'nelbo_nats', 2)} | "
                 f"{pm(r, 'nelbo_bpd', 4)} | {iwae} | {r['sample_seconds_per_image']:.3f} | "
                 f"{r['train_minutes']:.1f} min, {r['epochs']:.1f} epochs |")

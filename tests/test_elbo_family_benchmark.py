@@ -119,14 +119,28 @@ def test_the_family_benchmark_scores_each_model_with_fid_and_writes_the_table(tm
     assert inside.returncode == 0, inside.stderr[-2000:]
     (row,) = [json.loads(line) for line in inside.stdout.splitlines()]
     assert row["nelbo_nats"] == rows[0]["nelbo_nats"] and row["nll_nats"] == rows[0]["nll_nats"]
-    # --vae-ar-channels: the autoregressive context's width reaches the VAE (its weights and its saved config)
+    # --vae-ar-channels: the autoregressive context's width reaches the VAE (its weights and its saved config);
+    # --vae-iwae-k: the VAE trains on the importance-weighted bound
     wide = subprocess.run(
         [sys.executable, "benchmarks/elbo_family.py", "--variants", "binarized", "--models", "vae", "--minutes", "0.01",
-         "--vae-ar-kernel", "3", "--vae-ar-channels", "5", "--vae-ar-cond", "--eval-n", "4", "--k-vae", "0",
-         "--threads", "1", "--save", "--out", str(tmp_path / "wide")],
+         "--vae-ar-kernel", "3", "--vae-ar-channels", "5", "--vae-ar-cond", "--vae-iwae-k", "3", "--eval-n", "4",
+         "--k-vae", "0", "--threads", "1", "--save", "--out", str(tmp_path / "wide")],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert wide.returncode == 0, wide.stderr[-2000:]
-    (row,) = [json.loads(line) for line in wide.stdout.splitlines()]
+    (vae_row,) = [json.loads(line) for line in wide.stdout.splitlines()]
     saved = torch.load(tmp_path / "wide" / "binarized-vae.pt", weights_only=True)
     assert saved["config"]["ar_channels"] == 5 and saved["state_dict"]["context.masked.weight"].shape[0] == 5
-    assert row["parameters"] == sum(v.numel() for v in saved["state_dict"].values())
+    assert vae_row["parameters"] == sum(v.numel() for v in saved["state_dict"].values())
+    assert saved["config"]["iwae_k"] == vae_row["iwae_k"] == 3
+    # a taken VAE trained on with another --vae-iwae-k (the control's objective), written by --save
+    more = subprocess.run(
+        [sys.executable, "benchmarks/elbo_family.py", "--variants", "binarized", "--models", "vae", "--vae-iwae-k", "2",
+         "--vae-from", str(tmp_path / "wide" / "binarized-vae.pt"), "--skip-taken", "--vae-more-minutes", "0.01",
+         "--eval-n", "4", "--k-vae", "0", "--threads", "1", "--save", "--out", str(tmp_path / "more")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-2000:]
+    (more_row,) = [json.loads(line) for line in more.stdout.splitlines()]
+    trained_on = torch.load(tmp_path / "more" / "binarized-vae-more.pt", weights_only=True)
+    assert more_row["model"] == "vae-more" and trained_on["config"]["iwae_k"] == more_row["iwae_k"] == 2
+    assert more_row["nelbo_nats"] != vae_row["nelbo_nats"]  # trained on
+    assert "trained on the IWAE bound, K = 2" in (tmp_path / "more" / "table.md").read_text()
