@@ -265,10 +265,15 @@ def trained(name: str, variant: str, args, fit_model) -> dict:
     else:
         fit = fit_model()
     if args.save:
-        record = {k: v for k, v in fit.items() if k != "model"}
-        torch.save({"state_dict": fit["model"].state_dict(), "config": dataclasses.asdict(fit["model"].config),
-                    "fit": record}, args.out / f"{variant}-{name}.pt")
+        save_model(fit, args.out / f"{variant}-{name}.pt")
     return fit
+
+
+def save_model(fit: dict, path: Path) -> None:
+    """A trained model (``fit["model"]``) as ``trained`` reads it back: weights, config and training record."""
+    record = {k: v for k, v in fit.items() if k != "model"}
+    torch.save({"state_dict": fit["model"].state_dict(), "config": dataclasses.asdict(fit["model"].config),
+                "fit": record}, path)
 
 
 def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, args) -> list[dict]:
@@ -301,10 +306,9 @@ def run_variant(variant: str, train_u8: torch.Tensor, test_u8: torch.Tensor, arg
             model = copy.deepcopy(vae)
             model.config = dataclasses.replace(model.config, iwae_k=args.vae_iwae_k)  # the objective it trains on
             more = train_for(model, None, args.vae_more_minutes, 128, args.e2e_lr, train_u8, variant, args.seed)
-            model = more.pop("model")
             if args.save:  # to be taken by a later run's --vae-from
-                torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(model.config),
-                            "fit": more}, args.out / f"{variant}-vae-more.pt")
+                save_model(more, args.out / f"{variant}-vae-more.pt")
+            model = more.pop("model")
             emit({**score(model, "vae-more", test_u8, args, args.k_vae, variant, args.eval_n), **more})
     if "ldm" in args.models:
         row, ldm = train_ldm(vae, variant, train_u8, test_u8, args)
