@@ -34,7 +34,9 @@ Scores, on the first ``--eval-n`` test images, mean and standard error over imag
 - ``-log p(x)``: the importance-weighted estimate on the first ``--iwae-n`` test images (with ``--iwae-pick
   random``: on ``--iwae-n`` drawn at random from all of them, the same for every model), K = ``--k-vae`` for the VAE,
   ``--k-ldm`` samples of (z, diffusion trajectory) for the LDM and ``--k-ddpm`` trajectories for the DDPM (each
-  one a valid bound in expectation, see ``LDM.iwae_bound``);
+  one a valid bound in expectation, see ``LDM.iwae_bound``). Each image's value goes to
+  ``OUT/VARIANT-MODEL-iwae.jsonl`` as it is done. A long estimate can run in shards, ``--iwae-start P`` scoring
+  the pick's positions P to ``--iwae-n`` (with draws of their own), and ``benchmarks/iwae_merge.py`` joins them;
 - sampling time per image (16 ancestral samples, one thread count as set), and a grid of 64 samples per model;
 - with ``--fid-num N``: FID and KID (``elbox.metrics.fid``, the standard FID Inception-v3) of N samples against the
   first ``--fid-ref`` test images of the same variant (binarized ones for ``binarized``), and the seconds that took
@@ -51,6 +53,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -112,6 +115,10 @@ def parse_args() -> argparse.Namespace:
                    help="which test images: the first --iwae-n, or --iwae-n drawn at random (seed --iwae-seed) from "
                         "the whole test set, an unbiased estimate of its mean (the first ones are easier)")
     p.add_argument("--iwae-seed", type=int, default=0, help="the seed of --iwae-pick random")
+    p.add_argument("--iwae-start", type=int, default=0,
+                   help="score only the pick's images from this position on (to --iwae-n): one shard of a long "
+                        "estimate; OUT/VARIANT-MODEL-iwae.jsonl gets each image's value as it is done, and "
+                        "benchmarks/iwae_merge.py joins the shards")
     p.add_argument("--k-vae", type=int, default=1000)
     p.add_argument("--k-ldm", type=int, default=100)
     p.add_argument("--k-ddpm", type=int, default=0, help="0: skip (T U-Net passes per sample)")
@@ -199,14 +206,20 @@ def score(model, name: str, test_u8: torch.Tensor, args, k: int, variant: str, e
             start = time.time()
             n = min(args.iwae_n, len(x_all))
             if args.iwae_pick == "random":  # the same images for every model: the generator is seeded alike
-                x_iw = x_all[torch.randperm(len(x_all), generator=torch.Generator().manual_seed(args.iwae_seed))[:n]]
+                picked = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(args.iwae_seed))[:n]
             else:
-                x_iw = x_all[:n]
-            log_px = torch.cat([model.iwae_bound(x_iw[i : i + 10], k, generator=g, chunk=max(1, min(k, 100)))
-                                for i in range(0, n, 10)])
+                picked = torch.arange(n)
+            picked = picked[args.iwae_start :]  # a shard: positions from --iwae-start (of a random pick, a random subset)
+            if args.iwae_start:  # draws of its own, apart from the shard at 0 (which keeps the unsharded run's)
+                g = torch.Generator().manual_seed(args.seed * 1_000_003 + args.iwae_start)
+            log_px = iwae_per_image(model, x_all, picked, k, g, args.out / f"{variant}-{name}-iwae.jsonl",
+                                    {"variant": variant, "model": name, "k": k, "weights": fingerprint(model),
+                                     "test_seed": args.test_seed, "seed": args.seed, "pick": args.iwae_pick,
+                                     "iwae_seed": args.iwae_seed, "positions": [args.iwae_start, n]})
             mean, se = _mean_stderr(-log_px)
             out.update(nll_nats=mean, nll_nats_se=se, nll_bpd=bits_per_dim(mean, DIMS),
                        nll_bpd_se=bits_per_dim(se, DIMS), k=k, iwae_n=log_px.numel(), iwae_pick=args.iwae_pick,
+                       iwae_start=args.iwae_start,
                        iwae_minutes=(time.time() - start) / 60)
         start = time.time()
         model.sample(16, generator=torch.Generator().manual_seed(0))
@@ -218,6 +231,32 @@ def score(model, name: str, test_u8: torch.Tensor, args, k: int, variant: str, e
     if args.fid_num:
         out.update(quality(model, name, args))
     return out
+
+
+def fingerprint(model) -> str:
+    """A short hash of the weights: shards of one estimate must come from the very same model."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def iwae_per_image(model, x_all: torch.Tensor, picked: torch.Tensor, k: int, g: torch.Generator, path: Path,
+                   header: dict) -> torch.Tensor:
+    """log p(x) by ``model.iwae_bound`` for the test images ``picked`` (indices), 10 at a time; each value is appended
+    to ``path`` (JSON lines, after a header line for this run) as soon as it is done, so a stopped run keeps them."""
+    values = []
+    with path.open("a") as f:
+        f.write(json.dumps({"header": header}) + "\n")
+        f.flush()
+        for i in range(0, len(picked), 10):
+            index = picked[i : i + 10]
+            log_px = model.iwae_bound(x_all[index], k, generator=g, chunk=max(1, min(k, 100))).double()
+            f.writelines(json.dumps({"index": int(j), "neg_log_px": -float(v)}) + "\n" for j, v in zip(index, log_px))
+            f.flush()
+            values.append(log_px)
+    return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
 
 
 def quality(model, name: str, args) -> dict:
@@ -401,6 +440,9 @@ def main() -> None:
     for flag, path in (("--vae-from", args.vae_from), ("--ldm-from", args.ldm_from)):
         if path and (args.load or len(args.variants) > 1):
             sys.exit(f"{flag} takes one saved model, for one variant: give --variants binarized or 8bit, and no --load")
+    if not 0 <= args.iwae_start < args.iwae_n:
+        sys.exit(f"--iwae-start {args.iwae_start} is not allowed; use a position from 0 to --iwae-n - 1 "
+                 f"({args.iwae_n - 1})")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

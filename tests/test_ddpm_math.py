@@ -165,14 +165,14 @@ class GaussianOracle(nn.Module):
         self.d, self.mu, self.s2 = d, mu, s * s
 
     def forward(self, x_t, t):
-        abar = self.d.alphas_cumprod[t][:, None]
+        abar = self.d.alphas_cumprod[t].reshape(-1, 1)  # t: (B,), or one t for the batch
         gain = abar.sqrt() * self.s2 / (abar * self.s2 + 1 - abar)
         x0_hat = self.mu + gain * (x_t - abar.sqrt() * self.mu)
         eps = (x_t - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
         var_x0 = self.s2 * (1 - abar) / (abar * self.s2 + 1 - abar)
-        coef1 = self.d.posterior_mean_coef1[t][:, None]
-        true_var = self.d.posterior_variance[t][:, None] + coef1**2 * var_x0  # Var(x_{t-1}|x_t)
-        lo, hi = self.d.posterior_log_variance_clipped[t][:, None], self.d.log_betas[t][:, None]
+        coef1 = self.d.posterior_mean_coef1[t].reshape(-1, 1)
+        true_var = self.d.posterior_variance[t].reshape(-1, 1) + coef1**2 * var_x0  # Var(x_{t-1}|x_t)
+        lo, hi = self.d.posterior_log_variance_clipped[t].reshape(-1, 1), self.d.log_betas[t].reshape(-1, 1)
         frac = (true_var.log() - lo) / (hi - lo)  # Nichol & Dhariwal eq. 15 solved for v
         return torch.cat([eps, (2 * frac - 1).expand_as(eps)], dim=1)
 
@@ -212,7 +212,7 @@ class RandomNet(nn.Module):
         self.conv = nn.Conv2d(channels + 1, channels * out_factor, 3, padding=1)
 
     def forward(self, x, t):
-        tt = (t.float() / 1000)[:, None, None, None].expand(x.shape[0], 1, *x.shape[2:])
+        tt = (t.float() / 1000).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
         return 0.1 * self.conv(torch.cat([x, tt], 1))
 
 

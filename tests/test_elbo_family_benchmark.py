@@ -144,3 +144,65 @@ def test_the_family_benchmark_scores_each_model_with_fid_and_writes_the_table(tm
     assert more_row["model"] == "vae-more" and trained_on["config"]["iwae_k"] == more_row["iwae_k"] == 2
     assert more_row["nelbo_nats"] != vae_row["nelbo_nats"]  # trained on
     assert "trained on the IWAE bound, K = 2" in (tmp_path / "more" / "table.md").read_text()
+
+
+def family(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/elbo_family.py", "--threads", "1", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def merge(*files: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/iwae_merge.py", *map(str, files)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def per_image(path: Path) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "header" not in r]
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")
+def test_an_importance_weighted_estimate_in_shards_joins_into_the_whole(tmp_path):
+    """--iwae-start: a long estimate in pieces, each image's value written as it is done; iwae_merge.py joins the
+    pieces into the estimate on their union, refusing an image scored twice and a shard of another model."""
+    trained = family("--variants", "binarized", "--models", "vae", "ldm", "--minutes", "0.01", "--timesteps", "8",
+                     "--eval-n", "4", "--k-vae", "0", "--k-ldm", "0", "--save", "--out", str(tmp_path / "fit"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    saved = ["--variants", "binarized", "--models", "vae", "ldm", "--eval-n", "4", "--k-vae", "3", "--k-ldm", "2",
+             "--iwae-pick", "random", "--load", str(tmp_path / "fit")]
+    runs = {name: family(*saved, *extra, "--out", str(tmp_path / name)) for name, extra in
+            [("whole", ["--iwae-n", "25"]), ("head", ["--iwae-n", "20"]),
+             ("tail", ["--iwae-n", "25", "--iwae-start", "20"])]}
+    for done in runs.values():
+        assert done.returncode == 0, done.stderr[-2000:]
+    rows = {name: [json.loads(line) for line in done.stdout.splitlines()] for name, done in runs.items()}
+    files = {name: tmp_path / name / "binarized-ldm-iwae.jsonl" for name in runs}
+    whole, head, tail = (per_image(files[name]) for name in ("whole", "head", "tail"))
+    # the file holds what the row reports, image by image
+    assert len(whole) == rows["whole"][1]["iwae_n"] == 25
+    assert rows["whole"][1]["nll_nats"] == pytest.approx(sum(r["neg_log_px"] for r in whole) / 25, rel=1e-12)
+    # the shard at 0 keeps the unsharded run's draws (images go 10 at a time); the other shard scores the rest of the
+    # same pick, with draws of its own
+    assert head == whole[:20] and [r["index"] for r in tail] == [r["index"] for r in whole[20:]]
+    assert rows["tail"][1]["iwae_n"] == 5 and rows["tail"][1]["iwae_start"] == 20
+    assert all(a["neg_log_px"] != b["neg_log_px"] for a, b in zip(tail, whole[20:]))
+    joined = merge(files["head"], files["tail"])
+    assert joined.returncode == 0, joined.stderr
+    out = json.loads(joined.stdout)
+    values = [r["neg_log_px"] for r in head + tail]
+    mean = sum(values) / 25
+    assert out["images"] == 25 and out["k"] == 2 and out["model"] == "ldm" and not out["complete"]
+    assert out["nll_nats"] == pytest.approx(mean, rel=1e-12)
+    assert out["nll_nats_se"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / 24 / 25), rel=1e-9)
+    assert "(K = 2, 25 random test images)" in joined.stderr
+
+    def refused(done: subprocess.CompletedProcess, says: str) -> None:
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, done.stderr
+
+    refused(merge(files["whole"], files["tail"]), "is scored twice")
+    refused(merge(files["head"], tmp_path / "head" / "binarized-vae-iwae.jsonl"), "model 'vae' vs 'ldm'")
+    refused(merge(tmp_path / "nothing.jsonl"), "no such file")
+    refused(family(*saved, "--iwae-n", "3", "--iwae-start", "3", "--out", str(tmp_path / "x")), "--iwae-start 3")
+    # a second run into the same folder appends (nothing the first wrote is lost): the same images, now twice
+    again = family(*saved, "--iwae-n", "20", "--out", str(tmp_path / "head"))
+    assert again.returncode == 0 and per_image(files["head"])[:20] == head and len(per_image(files["head"])) == 40
+    refused(merge(files["head"]), "is scored twice")

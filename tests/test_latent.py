@@ -34,12 +34,12 @@ class ExactGaussianDenoiser(nn.Module):
 
     def forward(self, x_t, t):
         d = self.d
-        abar = d.alphas_cumprod[t].to(x_t.dtype)[:, None]
-        abar_prev = d.alphas_cumprod_prev[t].to(x_t.dtype)[:, None]
+        abar = d.alphas_cumprod[t].to(x_t.dtype).reshape(-1, 1)  # t: (B,), or one t for the batch
+        abar_prev = d.alphas_cumprod_prev[t].to(x_t.dtype).reshape(-1, 1)
         var_t, var_prev = abar * self.v + 1 - abar, abar_prev * self.v + 1 - abar_prev
         eps = self.eps_gain * torch.sqrt(1 - abar) * x_t / var_t
-        log_var = torch.log(var_prev * d.betas[t].to(x_t.dtype)[:, None] / var_t)
-        lo, hi = d.posterior_log_variance_clipped[t].to(x_t.dtype)[:, None], d.log_betas[t].to(x_t.dtype)[:, None]
+        log_var = torch.log(var_prev * d.betas[t].to(x_t.dtype).reshape(-1, 1) / var_t)
+        lo, hi = d.posterior_log_variance_clipped[t].to(x_t.dtype).reshape(-1, 1), d.log_betas[t].to(x_t.dtype).reshape(-1, 1)
         frac = (log_var - lo) / (hi - lo)
         return torch.cat([eps, (2 * frac - 1).expand_as(eps)], dim=1)
 

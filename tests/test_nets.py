@@ -83,7 +83,8 @@ def test_time_embedding_changes_the_output() -> None:
         real = model(x, torch.tensor([1.5, 1.5]))
     assert not torch.allclose(early, late)
     assert not torch.allclose(early, real)
-    assert torch.allclose(early, model(x, torch.tensor(1)))  # a scalar t is shared by the batch
+    # a scalar t is shared by the batch: embedded once, as one row (the same up to float rounding: 1.2e-6 seen)
+    torch.testing.assert_close(model(x, torch.tensor(1)), early, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_reach_every_parameter() -> None:
@@ -228,6 +229,24 @@ def test_mlp_denoiser_shape_and_time_dependence() -> None:
     assert model(x, torch.randint(0, 1000, (5,))).shape == (5, 4)
     assert not torch.allclose(model(x, torch.full((5,), 3)), model(x, torch.full((5,), 800)))
     assert not torch.allclose(model(x, torch.full((5,), 0.1)), model(x, torch.full((5,), 0.9)))
+
+
+@pytest.mark.parametrize("net", ["mlp", "unet"])
+def test_a_scalar_t_is_embedded_once_and_means_that_t_for_every_row(net: str) -> None:
+    """Samplers and the bound pass one t for the batch: the time-embedding MLP then runs on one row (not B), and
+    the output is that of t repeated B times."""
+    if net == "mlp":
+        model, x = randomise_zero_init(MLPDenoiser(dim=3, out_dim=3, hidden=32, time_dim=16)), torch.randn(7, 3)
+    else:
+        model = randomise_zero_init(UNet(image_size=8, in_channels=1, out_channels=1, **UNET_PRESETS["tiny"]))
+        x = torch.randn(7, 1, 8, 8)
+    rows = []
+    model.time_embed[0].register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        shared, repeated = model(x, torch.tensor(400)), model(x, torch.full((7,), 400))
+    assert rows == [1, 7]
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(shared, model(x, torch.tensor(401)), rtol=1e-5, atol=1e-5)
 
 
 def test_mlp_denoiser_starts_at_zero_and_gradients_reach_every_parameter() -> None:

@@ -25,7 +25,7 @@ class AffineEps(nn.Module):
     """eps_theta(x_t, t) = 0.3 x_t + 0.01 (t + 1): a fixed, t-dependent 'network'."""
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        assert t.shape == (x_t.shape[0],) and t.dtype == torch.long
+        assert t.shape == () and t.dtype == torch.long  # a sampler step: one t, shared by the batch
         return 0.3 * x_t + 0.01 * (t.to(x_t.dtype) + 1).view(-1, 1, 1, 1)
 
 
@@ -54,7 +54,7 @@ def test_ancestral_sampling_is_algorithm_2(var_type):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(SHAPE, generator=g).double()
     for i in reversed(range(T)):
-        eps = net(x, torch.full((SHAPE[0],), i))
+        eps = net(x, torch.tensor(i))
         x0 = x0_from_eps(x, i, eps, abar).clamp(-1, 1)
         # the posterior mean at the predicted x_0 (Ho eq. 7); with no clipping it is eq. 11's mean
         mean = (math.sqrt(abar_prev[i]) * betas[i] / (1 - abar[i]) * x0
@@ -78,7 +78,7 @@ def test_ddim_is_song_et_al_eq_12(steps, eta):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(SHAPE, generator=g).double()
     for k, i in enumerate(tau):
-        eps = net(x, torch.full((SHAPE[0],), i))
+        eps = net(x, torch.tensor(i))
         x0 = x0_from_eps(x, i, eps, abar).clamp(-1, 1)
         eps = (x - math.sqrt(abar[i]) * x0) / math.sqrt(1 - abar[i])  # eps consistent with the clipped x_0
         a_prev = abar[tau[k + 1]] if k + 1 < len(tau) else 1.0

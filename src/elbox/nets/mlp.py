@@ -41,10 +41,11 @@ class MLPDenoiser(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """Map x_t (B, dim) and timesteps t (B,) (or a scalar, shared by the batch) to (B, out_dim)."""
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.time_dim).to(self.inp.weight.dtype))
+        """Map x_t (B, dim) and timesteps t (B,) (or a scalar, shared by the batch) to (B, out_dim).
+
+        A scalar t is embedded once, as one row that broadcasts over the batch (a sampler's or a trajectory's step):
+        the embedding MLP is a quarter of the denoiser's multiply-adds at the default sizes."""
+        emb = self.time_embed(timestep_embedding(t.reshape(-1), self.time_dim).to(self.inp.weight.dtype))
         h = self.inp(x)
         for layer in self.layers:
             h = h + layer(F.silu(h + emb))

@@ -252,10 +252,9 @@ class UNet(nn.Module):
         self.conv_out = zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """Map x_t (B, C, H, W) and timesteps t (B,) (or a scalar, shared by the batch) to (B, out_channels, H, W)."""
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        emb = timestep_embedding(t, self.base_channels).to(self.conv_in.weight.dtype)
+        """Map x_t (B, C, H, W) and timesteps t (B,) (or a scalar, shared by the batch: embedded once, one row that
+        broadcasts) to (B, out_channels, H, W)."""
+        emb = timestep_embedding(t.reshape(-1), self.base_channels).to(self.conv_in.weight.dtype)
         emb = self.time_embed(emb)
 
         h = self.conv_in(x)

@@ -136,9 +136,9 @@ class GaussianDiffusion(nn.Module):
 
     @staticmethod
     def _extract(arr: Tensor, t: Tensor, x: Tensor) -> Tensor:
-        """arr[t] shaped to broadcast against x (B, ...), in x's dtype."""
+        """arr[t] shaped to broadcast against x (B, ...), in x's dtype; t is (B,) or a scalar shared by the batch."""
         out = arr.to(x.device)[t].to(x.dtype)
-        return out.reshape(t.shape[0], *([1] * (x.dim() - 1)))
+        return out.reshape(t.shape[0] if t.ndim else 1, *([1] * (x.dim() - 1)))
 
     @staticmethod
     def _sum_dims(x: Tensor) -> Tensor:
@@ -322,8 +322,6 @@ class MixedDenoiser(nn.Module):
         self.register_buffer("coefficient", coefficient.clone(), persistent=False)
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
         baseline = GaussianDiffusion._extract(self.coefficient, t, x_t) * x_t
         if self.learned_variance:  # v = 1: Sigma = beta_t, the Gaussian's reverse variance
             baseline = torch.cat([baseline, torch.ones_like(x_t)], dim=1)
