@@ -209,7 +209,7 @@ def score(model, name: str, test_u8: torch.Tensor, args, k: int, variant: str, e
                 picked = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(args.iwae_seed))[:n]
             else:
                 picked = torch.arange(n)
-            picked = picked[args.iwae_start :]  # a shard: positions from --iwae-start (of a random pick, a random subset)
+            picked = picked[args.iwae_start :]  # a shard (of a random pick: a random subset)
             if args.iwae_start:  # draws of its own, apart from the shard at 0 (which keeps the unsharded run's)
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + args.iwae_start)
             log_px = iwae_per_image(model, x_all, picked, k, g, args.out / f"{variant}-{name}-iwae.jsonl",

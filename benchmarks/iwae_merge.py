@@ -6,6 +6,8 @@ Each file holds JSON lines: a header line per run (the variant, model, K, a hash
 pick), then one line per test image, ``{"index": i, "neg_log_px": v}``. Every run must be of the same model (the
 same weights), K, test binarization and pick; an image scored twice is an error, so that no image counts twice.
 Prints one JSON line (mean and standard error over images, in nats, how many of the test set) and a table row.
+With ``--paired-with FILE...`` (another model's shards, e.g. the VAE under a latent diffusion model), also the
+difference between the two on the images both scored, image by image, with its standard error.
 """
 
 from __future__ import annotations
@@ -69,14 +71,38 @@ def summary(header: dict, values: dict[int, float]) -> dict:
             "nll_nats_se": math.sqrt(var / n), "complete": n == TEST_IMAGES}
 
 
+def paired(values: dict[int, float], other: dict[int, float]) -> dict:
+    """The mean and standard error of this estimate minus the other, over the images both scored."""
+    common = sorted(values.keys() & other.keys())
+    if len(common) < 2:
+        sys.exit(f"--paired-with: the two estimates share {len(common)} scored images; pair shards of the same pick")
+    diffs = [values[i] - other[i] for i in common]
+    mean = math.fsum(diffs) / len(diffs)
+    var = math.fsum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return {"images": len(common), "minus_nats": mean, "minus_nats_se": math.sqrt(var / len(diffs))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", type=Path, nargs="+")
-    out = summary(*read(p.parse_args().files))
+    p.add_argument("--paired-with", type=Path, nargs="+", default=[],
+                   help="the shards of another model's estimate on the same pick: also the paired difference")
+    args = p.parse_args()
+    header, values = read(args.files)
+    out = summary(header, values)
+    if args.paired_with:
+        other_header, other = read(args.paired_with)
+        if other_header["test_seed"] != header["test_seed"] or other_header["variant"] != header["variant"]:
+            sys.exit("--paired-with: the other estimate is on other test images (its variant or --test-seed differs)")
+        out["paired"] = {"model": other_header["model"], "k": other_header["k"], **paired(values, other)}
     print(json.dumps(out))
     which = "all" if out["complete"] else f"{out['images']}{' random' if out['pick'] == 'random' else ''}"
     print(f"| {out['variant']} MNIST | {out['model']} | {out['nll_nats']:.2f} ± {out['nll_nats_se']:.2f} "
           f"(K = {out['k']}, {which} test images) |", file=sys.stderr)
+    if "paired" in out:
+        pair = out["paired"]
+        print(f"  {out['model']} - {pair['model']} (K = {pair['k']}), paired on the same {pair['images']} images: "
+              f"{pair['minus_nats']:+.3f} ± {pair['minus_nats_se']:.3f} nats", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -194,6 +194,21 @@ def test_an_importance_weighted_estimate_in_shards_joins_into_the_whole(tmp_path
     assert out["nll_nats"] == pytest.approx(mean, rel=1e-12)
     assert out["nll_nats_se"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / 24 / 25), rel=1e-9)
     assert "(K = 2, 25 random test images)" in joined.stderr
+    # --paired-with: the LDM minus its VAE, image by image, on the images both scored
+    vae = {r["index"]: r["neg_log_px"] for name in ("head", "tail")
+           for r in per_image(tmp_path / name / "binarized-vae-iwae.jsonl")}
+    both = subprocess.run([sys.executable, "benchmarks/iwae_merge.py", str(files["head"]), str(files["tail"]),
+                           "--paired-with", str(tmp_path / "head" / "binarized-vae-iwae.jsonl"),
+                           str(tmp_path / "tail" / "binarized-vae-iwae.jsonl")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert both.returncode == 0, both.stderr
+    pair = json.loads(both.stdout)["paired"]
+    diffs = [r["neg_log_px"] - vae[r["index"]] for r in head + tail]
+    assert pair["model"] == "vae" and pair["k"] == 3 and pair["images"] == 25
+    assert pair["minus_nats"] == pytest.approx(sum(diffs) / 25, rel=1e-9)
+    dm = sum(diffs) / 25
+    assert pair["minus_nats_se"] == pytest.approx(math.sqrt(sum((d - dm) ** 2 for d in diffs) / 24 / 25), rel=1e-9)
+    assert "paired on the same 25 images" in both.stderr
 
     def refused(done: subprocess.CompletedProcess, says: str) -> None:
         assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, done.stderr
