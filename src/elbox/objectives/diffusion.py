@@ -1,7 +1,8 @@
 """The Gaussian diffusion process of Ho et al. 2020 and its variational bound — the math, with no network inside.
 
 Every method that needs the denoiser takes it as an argument (``net(x_t, t)``); the network knows nothing of the
-schedule. Notation follows the papers: ``x_start`` is x_0, ``betas`` are beta_t, ``alphas_cumprod`` is alpha-bar_t.
+schedule. ``t`` is (B,) in training (a timestep per example) and a scalar in the samplers and the full bound (one
+step for the whole batch, as diffusers' pipelines pass it): a network must take both, and may embed a scalar once. Notation follows the papers: ``x_start`` is x_0, ``betas`` are beta_t, ``alphas_cumprod`` is alpha-bar_t.
 Timesteps are 0-indexed: index t = 0..T-1 stands for the paper's t = 1..T.
 
 References
