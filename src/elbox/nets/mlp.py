@@ -44,7 +44,7 @@ class MLPDenoiser(nn.Module):
         """Map x_t (B, dim) and timesteps t (B,) (or a scalar, shared by the batch) to (B, out_dim).
 
         A scalar t is embedded once, as one row that broadcasts over the batch (a sampler's or a trajectory's step):
-        the embedding MLP is a quarter of the denoiser's multiply-adds at the default sizes."""
+        the embedding MLP is about a quarter of the denoiser's multiply-adds at the default sizes (26-29%)."""
         emb = self.time_embed(timestep_embedding(t.reshape(-1), self.time_dim).to(self.inp.weight.dtype))
         h = self.inp(x)
         for layer in self.layers:
