@@ -303,3 +303,28 @@ def test_images_get_the_tiny_unet_by_default():
 def test_a_ddpm_on_images_that_are_not_square_is_refused_at_build():
     with pytest.raises(UserError, match="8x12 are not square"):
         DDPM(DDPMConfig(data_kind="8bit", net="micro"), (1, 8, 12))
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: elbox.VAEConfig(iwae_k=2.5), "VAEConfig.iwae_k=2.5 must be an integer"),
+    (lambda: elbox.VAEConfig(hidden=[64, 2.5]), "VAEConfig.hidden=[64, 2.5] must be a list of integers"),
+    (lambda: elbox.VAEConfig(beta="1"), "VAEConfig.beta='1' must be a number"),
+    (lambda: elbox.VAEConfig(activation="gelu"), "VAEConfig.activation='gelu' is not allowed; choose one of tanh"),
+    (lambda: DDPMConfig(timesteps=2.5), "DDPMConfig.timesteps=2.5 must be an integer"),
+    (lambda: DDPMConfig(clip_denoised="no"), "DDPMConfig.clip_denoised='no' must be true or false"),
+    (lambda: elbox.LDMConfig(vae=None), "LDMConfig.vae=None must be a string"),
+    (lambda: elbox.TrainConfig(steps="100"), "TrainConfig.steps='100' must be an integer"),
+    (lambda: elbox.DataConfig(image_size=28.0), "DataConfig.image_size=28.0 must be an integer"),
+])
+def test_a_config_built_in_python_checks_its_types_in_one_line(make, words):
+    # The Python API gets the check a config file gets: a wrong type is refused at construction with the class
+    # and field named, not a TypeError (or a silent truncation) deep inside a model later.
+    with pytest.raises(UserError) as e:
+        make()
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_config_built_in_python_takes_lists_and_ints_where_tuples_and_floats_are_meant():
+    c = elbox.VAEConfig(hidden=[64, 32], beta=1)
+    assert c.hidden == (64, 32) and isinstance(c.beta, float)
+    assert elbox.DataConfig(image_size=None).image_size is None

@@ -21,6 +21,8 @@ _EXPORTS = {
     "DDPMConfig": "elbox.objectives.ddpm",
     "VAE": "elbox.objectives.vae",
     "VAEConfig": "elbox.objectives.vae",
+    "LDM": "elbox.objectives.latent",
+    "LDMConfig": "elbox.objectives.latent",
     "Terms": "elbox.objectives.terms",
     "bits_per_dim": "elbox.objectives.terms",
     "load_dataset": "elbox.data",

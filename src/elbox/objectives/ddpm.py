@@ -35,6 +35,7 @@ from elbox.objectives.diffusion import (
 from elbox.objectives.gaussian import gaussian_log_prob
 from elbox.objectives.terms import Terms, bits_per_dim, log_mean_exp_in_chunks
 from elbox.samplers import ancestral_sample, ddim_sample
+from elbox.typecheck import check_fields
 
 Sampler = Literal["ancestral", "ddim"]
 DataKind = Literal["auto", "8bit", "continuous"]
@@ -61,6 +62,7 @@ class DDPMConfig:
     mixed_prediction: bool = False  # a residual over N(0, I)'s exact denoiser (LSGM); at latent scale 1: N(0, I) at start
 
     def __post_init__(self) -> None:
+        check_fields(self)  # every field its annotated type; a choice (Literal) one of its values
         if not 1 <= self.timesteps <= 100_000:
             raise UserError(f"timesteps={self.timesteps} is not allowed; use an integer from 1 to 100000 (the paper "
                             f"uses 1000)")
@@ -70,8 +72,6 @@ class DDPMConfig:
             raise UserError(f"dropout={self.dropout} is not allowed; use a value in [0, 1)")
         if not 0.0 < self.hybrid_lambda:
             raise UserError(f"hybrid_lambda={self.hybrid_lambda} is not allowed; use a value > 0 (paper: 0.001)")
-        if self.data_kind not in ("auto", "8bit", "continuous"):
-            raise UserError(f"data_kind={self.data_kind!r} is not allowed; choose 8bit, continuous or auto")
         if self.loss == "hybrid" and self.var_type != "learned":
             raise UserError("loss='hybrid' trains only the variance through its vlb part; use var_type='learned'")
         if self.mixed_prediction and self.data_kind == "8bit":

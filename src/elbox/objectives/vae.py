@@ -19,7 +19,6 @@ Both keep scoring cheap: the decoder runs once per importance sample, the encode
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import typing
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from elbox.objectives.base import ELBOModel
 from elbox.objectives.decoders import DECODERS, build_likelihood
 from elbox.objectives.gaussian import standard_normal_kl
 from elbox.objectives.terms import Terms
+from elbox.typecheck import check_fields
 
 #: the scale mode "auto" resolves to, per decoder: a fixed sigma for the Gaussian density (the classic MSE VAE);
 #: a learned per-pixel scale for the discretized decoders, whose bits/dim are meant to be compared with a DDPM's.
@@ -94,15 +94,7 @@ class VAEConfig:
     iwae_k: int = 1  # train on the importance-weighted bound with this many samples (IWAE; 1: the ELBO)
 
     def __post_init__(self) -> None:
-        # tuples may arrive as lists (from JSON or a command line): store them as tuples of int
-        self.hidden = tuple(int(h) for h in self.hidden)
-        self.conv_channels = tuple(int(c) for c in self.conv_channels)
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else None
-            if allowed is not None and getattr(self, f.name) not in allowed:
-                value = getattr(self, f.name)
-                raise UserError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+        check_fields(self)  # every field its annotated type; a choice (Literal) one of its values
         assert set(typing.get_args(Activation)) <= set(ACTIVATIONS)
         assert set(typing.get_args(DecoderName)) == set(DECODERS)
         assert set(typing.get_args(Arch)) == set(ARCHS)
