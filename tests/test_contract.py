@@ -18,6 +18,7 @@ from elbox.config import MODELS, DataConfig, RunConfig, SampleConfig, TrainConfi
 from elbox.errors import UserError
 from elbox.objectives.base import ELBOModel
 from elbox.objectives.ddpm import DDPM, DDPMConfig
+from elbox.objectives.latent import LDM, LDMConfig
 from elbox.objectives.terms import Terms, log_mean_exp_in_chunks
 from elbox.objectives.vae import VAE, VAEConfig
 from elbox.training.loop import train
@@ -63,6 +64,39 @@ def test_bound_draws_from_its_generator_and_leaves_the_global_rng_alone(kind):
     c = model.bound(x, generator=torch.Generator().manual_seed(4)).nll
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def _every_model():
+    models = small_models()
+    vae = VAE(VAEConfig(hidden=(16,), latent_dim=3, decoder="gaussian"), (6,))
+    models["ldm"] = LDM(LDMConfig(timesteps=4, latent_scale=0.5), (6,), vae=vae)
+    assert set(models) == set(MODELS)
+    return models
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("verb", ["losses", "bound", "iwae_bound"])
+def test_a_batch_of_the_wrong_shape_or_type_is_one_line_naming_what_the_model_takes(kind, verb):
+    model = _every_model()[kind]
+    want = "(B, " + ", ".join(map(str, model.data_shape)) + ")"
+    call = {"losses": lambda x: model.losses(x, step=0), "bound": model.bound,
+            "iwae_bound": lambda x: model.iwae_bound(x, 2)}[verb]
+    good = torch.zeros(2, *model.data_shape)
+    for bad, got in [(good[0], f"shape {tuple(good.shape[1:])}"), (good.flatten(1)[:, :-1], "of shape"),
+                     (good.to(torch.uint8), "torch.uint8"), (good.tolist(), "a list")]:
+        with pytest.raises(UserError) as e:
+            call(bad)
+        assert f"this {kind} takes a float batch of shape {want}" in str(e.value) and got in str(e.value)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_a_count_of_samples_must_be_a_whole_number(kind):
+    model = _every_model()[kind]
+    for n in (2.5, -1, "3", None):
+        with pytest.raises(UserError, match=rf"^cannot draw {re.escape(repr(n))} samples; give a whole number >= 0$"):
+            model.sample(n)
+    assert model.sample(torch.tensor(2)).shape == (2, *model.data_shape)  # any integer will do, a 0-dim tensor too
 
 
 def test_a_model_refuses_sampler_options_it_does_not_take():

@@ -419,7 +419,7 @@ def test_bad_data_and_k_raise_one_line_user_errors():
     for k in (0, -5):
         with pytest.raises(UserError, match=f"importance samples k must be an integer >= 1; got {k}"):
             vae.iwae_bound(x, k)
-    with pytest.raises(UserError, match=r"built for data of shape \(1, 8, 8\)"):
+    with pytest.raises(UserError, match=r"this vae takes a float batch of shape \(B, 1, 8, 8\)"):
         vae.bound(torch.rand(2, 1, 9, 9))
     with pytest.raises(UserError, match="arch 'conv' needs image data"):
         VAE(VAEConfig(arch="conv"), (10,))

@@ -21,6 +21,7 @@ from disk without the command that made it.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, ClassVar
 
 import torch
@@ -96,6 +97,25 @@ class ELBOModel(nn.Module):
     def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None) -> Tensor:
         """log p(x) estimated with k importance samples, shape (B,); only for models with ``has_iwae``."""
         raise UserError(f"a {self.kind} has no importance-weighted likelihood estimate; use its bound (--metric bpd)")
+
+    def check_batch(self, x: Any) -> None:
+        """A clear error for anything but a float batch (B, *data_shape): the user-facing verbs call it first."""
+        if not (isinstance(x, Tensor) and x.is_floating_point() and tuple(x.shape[1:]) == self.data_shape
+                and x.dim() == len(self.data_shape) + 1):
+            got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
+            want = ", ".join(str(d) for d in ("B", *self.data_shape))
+            raise UserError(f"this {self.kind} takes a float batch of shape ({want}) in its data range "
+                            f"'{self.data_range}' (elbox.data.transforms.to_model(images, model.data_range) makes one "
+                            f"from uint8 images); got {got}")
+
+    def check_count(self, n: Any) -> int:
+        """``n`` as an int >= 0 (a numpy or torch integer too), or a clear error."""
+        count = n
+        if isinstance(n, Tensor) and n.numel() == 1 and not (n.is_floating_point() or n.is_complex()):
+            count = n.item()
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise UserError(f"cannot draw {n!r} samples; give a whole number >= 0")
+        return int(count)
 
     def check_sampler_options(self, options: dict[str, Any]) -> None:
         """A clear error for a sampling option this model does not take."""

@@ -134,6 +134,7 @@ class DDPM(ELBOModel):
         gradient of L_vlb stopped at the mean (Nichol & Dhariwal sec. 3.1), i.e. lambda * T * L_t in bits/dim.
         (``step`` is unused: the DDPM's objective has no schedule over training.)
         """
+        self.check_batch(x)
         d = self.diffusion
         t, weight = d.sample_timesteps(x.shape[0], x.device)
         noise = draws.randn_like(x)
@@ -193,6 +194,7 @@ class DDPM(ELBOModel):
         decoder_nll = L_0, kl = (L_1 .. L_{T-1}) one column per step (t = 2..T in the paper's 1-indexing),
         prior = L_T (Ho et al. eq. 5). Each L_t uses one draw of x_t ~ q(x_t | x_0), as in Nichol & Dhariwal.
         """
+        self.check_batch(x)
         with torch.no_grad():
             d = self.diffusion
             per_step = []
@@ -244,6 +246,7 @@ class DDPM(ELBOModel):
 
     def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None, chunk: int = 16) -> Tensor:
         """log p_theta(x_0) estimated with k importance-weighted trajectories (``trajectory_log_weight``), (B,)."""
+        self.check_batch(x)
         return log_mean_exp_in_chunks(lambda n: self.trajectory_log_weight(x.repeat(n, *([1] * (x.dim() - 1))),
                                                                          generator=generator).view(n, x.shape[0]),
                                       k, chunk)
@@ -260,6 +263,7 @@ class DDPM(ELBOModel):
         progress=None,
     ) -> Tensor:
         """n samples in [-1, 1] (8-bit data) or in data space (continuous), by ancestral sampling or DDIM."""
+        n = self.check_count(n)
         with torch.no_grad():
             p = next(self.parameters())
             device, dtype = p.device, p.dtype

@@ -170,6 +170,7 @@ class LDM(ELBOModel):
         LSGM's split (Vahdat et al. 2021, sec. 3), with the likelihood weighting for the VAE, so that the VAE
         maximises the very bound that is reported.
         """
+        self.check_batch(x)
         z, logvar = self._encode(x, None)
         s = self.latent_scale.to(z.dtype)
         own = Terms(terms=self._vae_terms(x, z, logvar), dims=self.dims)
@@ -185,6 +186,7 @@ class LDM(ELBOModel):
 
     def bound(self, x: Tensor, *, generator: torch.Generator | None = None) -> Terms:
         """The negative ELBO on x in nats, with the prior's bound computed over every timestep at one z ~ q(z|x)."""
+        self.check_batch(x)
         with torch.no_grad():
             z, logvar = self._encode(x, generator)
             prior = self.prior.bound(z * self.latent_scale.to(z.dtype), generator=generator)
@@ -201,6 +203,7 @@ class LDM(ELBOModel):
         bound* would not be one: each is only a bound on log p(z) in expectation, and the log-mean-exp of bounds
         can exceed log p(x).)
         """
+        self.check_batch(x)
         with torch.no_grad():
             mu, logvar = self.vae.encode(x)
             s = self.latent_scale.to(mu.dtype)
@@ -219,6 +222,7 @@ class LDM(ELBOModel):
     def sample(self, n: int, *, generator: torch.Generator | None = None, sampler: Sampler = "ancestral",
                steps: int | None = None, eta: float = 0.0, progress: Any = None) -> Tensor:
         """z' from the DDPM (ancestral or DDIM), z = z' / s, decoded by the VAE (its mean, as ``VAE.sample``)."""
+        n = self.check_count(n)
         with torch.no_grad():
             z = self.prior.sample(n, generator=generator, sampler=sampler, steps=steps, eta=eta, progress=progress)
             return self.vae.decode(z / self.latent_scale.to(z.dtype), generator=generator)

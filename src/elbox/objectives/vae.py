@@ -224,10 +224,7 @@ class VAE(ELBOModel):
     # ---- the pieces of the bound ---------------------------------------------------------------------------
 
     def _check(self, x: Tensor) -> None:
-        if tuple(x.shape[1:]) != self.data_shape:
-            raise UserError(
-                f"this VAE was built for data of shape {self.data_shape}; got a batch of shape {tuple(x.shape)}"
-            )
+        self.check_batch(x)
         self.likelihood.check_data(x)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -378,6 +375,7 @@ class VAE(ELBOModel):
         """n draws z ~ N(0, I) pushed through the decoder, returned as the decoder's mean (see ``decode``).
         A VAE samples in one pass: it takes no sampler options."""
         self.check_sampler_options(sampler_options)
+        n = self.check_count(n)
         with torch.no_grad():
             p = next(self.parameters())
             z = draws.randn_from(generator, (n, *self.latent_shape), p.device, p.dtype)
