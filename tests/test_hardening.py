@@ -3,7 +3,9 @@ never reports a wrong number. One test per class of problem, on real runs and re
 
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_train import FlakyDDPM, flaky_run
@@ -328,3 +330,9 @@ def test_a_config_built_in_python_takes_lists_and_ints_where_tuples_and_floats_a
     c = elbox.VAEConfig(hidden=[64, 32], beta=1)
     assert c.hidden == (64, 32) and isinstance(c.beta, float)
     assert elbox.DataConfig(image_size=None).image_size is None
+    # numpy numbers and arrays, and paths, as a script computes them: stored as the plain types a config file holds
+    c = elbox.VAEConfig(hidden=np.array([32, 16]), latent_dim=np.int64(8), beta=np.float32(0.5))
+    assert c.hidden == (32, 16) and type(c.hidden[0]) is int and type(c.latent_dim) is int and c.beta == 0.5
+    train = elbox.TrainConfig(steps=np.int64(10), lr=np.float32(0.25))
+    assert type(train.steps) is int and "steps = 10" in elbox.RunConfig(train=train).to_toml()  # TOML takes plain types
+    assert elbox.DataConfig(data_dir=Path("some/dir")).data_dir == "some/dir"

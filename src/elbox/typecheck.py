@@ -5,6 +5,8 @@ config file's ``latent_dim = 2.5`` gets."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
@@ -42,22 +44,25 @@ def coerce(value: Any, tp: Any, where: str, *, none_word: bool = True) -> Any:
         return value
     if get_origin(inner) is tuple:
         item = get_args(inner)[0]
-        if not isinstance(value, (list, tuple)) or not all(_is(v, item) for v in value):
+        items = value.tolist() if hasattr(value, "tolist") else value  # a numpy array or a tensor
+        if not isinstance(items, (list, tuple)) or not all(_is(v, item) for v in items):
             raise UserError(f"{where}={value!r} must be a list of integers, e.g. [32, 64]")
-        return tuple(value)
+        return tuple(coerce(v, item, where) for v in items)
     if inner is bool:
         if not isinstance(value, bool):
             raise UserError(f"{where}={value!r} must be true or false")
         return value
     if inner is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # a numpy integer too
             raise UserError(f"{where}={value!r} must be an integer")
-        return value
+        return int(value)
     if inner is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # a numpy number too
             raise UserError(f"{where}={value!r} must be a number")
         return float(value)
     if inner is str:
+        if isinstance(value, os.PathLike):  # a pathlib.Path where a path is meant
+            value = os.fspath(value)
         if not isinstance(value, str):
             raise UserError(f"{where}={value!r} must be a string")
         return value
