@@ -115,11 +115,8 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------------------------------ TOML <-> objects
-_NONE = NONE_WORD
-
-
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (_NONE if v is None else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+    return {k: (NONE_WORD if v is None else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
 def suggest(key: str, known: list[str]) -> str:
