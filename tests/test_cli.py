@@ -1,6 +1,7 @@
 """The `elbox` command end to end, with a tiny model on the embedded data, in seconds; and its one-line errors."""
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -20,6 +21,9 @@ def test_help_lists_commands_and_typed_flags_with_defaults(elbox_cli):
         assert fragment in train.stdout
     for cmd in ("sample", "evaluate"):
         assert elbox_cli(cmd, "--help").returncode == 0
+    for cmd in (("train",), ("sample",), ("evaluate",)):
+        text = " ".join(elbox_cli(*cmd, "--help").stdout.split())  # argparse wraps lines
+        assert not re.search(r"\(default: [^)]*\) \(default:", text), cmd  # one default per flag, not two
 
 
 def test_train_sample_evaluate_end_to_end(tmp_path, elbox_cli):

@@ -128,6 +128,28 @@ def test_evaluate_never_overwrites_and_sample_writes_into_a_folder(tiny_run, tmp
     assert [p.name for p in folder.iterdir()] == ["samples-prior-seed0.png"]
 
 
+def test_sample_out_is_a_png_file_or_a_folder_and_nothing_else(tiny_run, tmp_path, capsys):
+    def sample(out):
+        return main(["sample", str(tiny_run), "--num", "4", "--out", out])
+
+    # a name ending in "/", or one without a suffix, is a folder (made); FILE.png is the file itself
+    assert sample(str(tmp_path / "new") + "/") == 0 and sample(str(tmp_path / "grid")) == 0
+    assert sample(str(tmp_path / "one.png")) == 0
+    for png in (tmp_path / "new" / "samples-prior-seed0.png", tmp_path / "grid" / "samples-prior-seed0.png",
+                tmp_path / "one.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    # any other suffix is refused before anything is drawn or written; a file without a suffix is not a folder
+    (tmp_path / "report.html").write_text("mine")
+    (tmp_path / "notes").write_text("mine")
+    capsys.readouterr()
+    for bad in ("foo.jpg", "report.html"):
+        assert sample(str(tmp_path / bad)) == 2
+        assert "writes a PNG; give a name ending in .png, or a folder" in one_line(capsys)
+    assert sample(str(tmp_path / "notes")) == 2 and "is a file, not a folder or a .png" in one_line(capsys)
+    assert (tmp_path / "report.html").read_text() == "mine" and (tmp_path / "notes").read_text() == "mine"
+    assert not (tmp_path / "foo.jpg").exists() and not list(tmp_path.glob("report-*"))
+
+
 @pytest.mark.parametrize("argv, words", [
     (["sample", "RUN", "--batch-size", "0"], "--batch-size 0"),
     (["evaluate", "RUN", "--batch-size", "-3"], "--batch-size -3"),
@@ -247,7 +269,10 @@ def test_skip_bad_reports_the_files_it_skipped(tmp_path, capsys):
 # ---------------------------------------------------------------------------------- one line, right words
 @pytest.mark.parametrize("argv, words", [
     (["train", "--latent-dim", "3"], "--latent-dim is a flag of the vae model: `elbox train vae --latent-dim"),
-    (["train", "vae", "--timesteps", "3"], "--timesteps is a flag of the ddpm model"),
+    (["train", "vae", "--timesteps", "3"], "--timesteps is a flag of the ddpm and ldm models: `elbox train ddpm"),
+    (["train", "--vae", "RUN"], "--vae is a flag of the ldm model: `elbox train ldm --vae"),
+    (["train", "ddmp", "--steps", "3"], "unknown model 'ddmp'; did you mean ddpm? (models: ddpm, vae, ldm)"),
+    (["train", "VAE"], "unknown model 'VAE'; did you mean vae?"),
     (["train", "--learning-rate", "1e-3"], "elbox calls it --lr"),
     (["sample", "RUN", "--num-inference-steps", "3"], "elbox calls it --sampling-steps"),
     (["train", "--lrr", "1"], "did you mean --lr?"),

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -118,14 +119,26 @@ def _data_mode(model: ELBOModel, cfg: SampleConfig, generator: torch.Generator) 
     return model.interpolate(x[:rows], x[rows : 2 * rows], INTERPOLATION_STEPS).flatten(0, 1).cpu()
 
 
-def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: Path | None = None) -> Path:
+def sample_png_path(out: str | Path | None, run_dir: Path, name: str) -> Path:
+    """Where a sample grid goes: ``out`` if it names a .png file; ``out/name`` if it is a folder (one that exists,
+    or a name ending in "/" or without a suffix, made when written); else ``run_dir/name``. Never over a file."""
+    if out is None:
+        return _unused_path(run_dir / name)
+    path = Path(out)
+    if str(out).endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder or a .png; give a name ending in .png, or a folder")
+        return _unused_path(path / name)
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: elbox sample writes a PNG; give a name ending in .png, or a folder")
+    return _unused_path(path)
+
+
+def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: str | Path | None = None) -> Path:
     """Draw samples per ``cfg`` and write them as a PNG grid (a scatter plot for 2-D vector data)."""
-    x = draw(model, cfg)
     run_dir = ckpt.resolve_checkpoint(run).parent.parent
-    name = f"samples-{cfg.mode}-seed{cfg.seed}.png"
-    if out is not None and out.is_dir():  # --out DIR: the PNG goes in it
-        out = out / name
-    path = _unused_path(out or run_dir / name)
+    path = sample_png_path(out, run_dir, f"samples-{cfg.mode}-seed{cfg.seed}.png")  # before the work of drawing
+    x = draw(model, cfg)
     if model.draws_images:
         nrow = INTERPOLATION_STEPS if cfg.mode == "interpolate" else 2 if cfg.mode == "reconstruct" and cfg.num <= 4 else None
         return save_png(image_grid(from_model(x, model.data_range), nrow=nrow), path)

@@ -51,7 +51,7 @@ class OneLineParser(argparse.ArgumentParser):
     the flag belongs to, or elbox's name for another library's spelling)."""
 
     #: flags of the other models' configs -> the model (set by the train command's parser)
-    other_models: dict[str, str] = {}
+    other_models: dict[str, list[str]] = {}
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments:"):
@@ -62,8 +62,9 @@ class OneLineParser(argparse.ArgumentParser):
                 flag = flags[0]
                 close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
                 if flag in self.other_models:
-                    model = self.other_models[flag]
-                    message = f"{flag} is a flag of the {model} model: `elbox train {model} {flag} ...`"
+                    models = self.other_models[flag]
+                    which = f"{' and '.join(models)} model{'s' if len(models) > 1 else ''}"
+                    message = f"{flag} is a flag of the {which}: `elbox train {models[0]} {flag} ...`"
                 elif ALIASES.get(flag) in known:
                     message = f"unknown flag {flag}; elbox calls it {ALIASES[flag]}"
                 else:
@@ -71,7 +72,11 @@ class OneLineParser(argparse.ArgumentParser):
                     message = f"unknown flag {flag}{hint}"
             else:
                 what = repr(unknown[0]) if unknown else "an empty argument ''"
-                message = f"unexpected argument {what}; see `{self.prog} --help`"
+                model = difflib.get_close_matches(unknown[0].lower(), list(MODELS), n=1, cutoff=0.6) if unknown else []
+                if self.prog.startswith(f"{PROG} train") and model:  # `elbox train ddmp`
+                    message = f"unknown model {what}; did you mean {model[0]}? (models: {', '.join(MODELS)})"
+                else:
+                    message = f"unexpected argument {what}; see `{self.prog} --help`"
         raise UserError(f"{self.prog}: {message}")
 
 
@@ -123,7 +128,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, dest_prefix:
     for name, tp in field_types(cls).items():
         flag = "--" + name.replace("_", "-")
         default = defaults[name]
-        help_text = f"{helps.get(name, '')} (default: {'none' if default is None else default})"
+        help_text = helps.get(name, "")
+        if "(default:" not in help_text:  # a comment may say what an unset value means, in its own words
+            help_text += f" (default: {'none' if default is None else default})"
         kwargs: dict[str, Any] = {"dest": f"{dest_prefix}.{name}", "default": argparse.SUPPRESS, "help": help_text}
         inner, _ = unwrap_optional(tp)
         if inner is bool:
@@ -165,11 +172,11 @@ def _train_parser(model: str) -> argparse.ArgumentParser:
     add_dataclass_flags(p, TrainConfig, "train", "training")
     own = {s for a in p._actions for s in a.option_strings}
     p.other_models = {}
-    for other in MODELS:  # the first model that has a flag names it (a DDPM flag is also an LDM flag)
+    for other in MODELS:  # every model that has a flag is named (a DDPM flag is also an LDM flag)
         for f in dataclasses.fields(MODELS[other][0]):
             flag = "--" + f.name.replace("_", "-")
             if other != model and flag not in own:
-                p.other_models.setdefault(flag, other)
+                p.other_models.setdefault(flag, []).append(other)
     return p
 
 
@@ -249,7 +256,8 @@ def cmd_sample(argv: list[str]) -> int:
 
     p = OneLineParser(prog=f"{PROG} sample", description="Draw samples from a trained run and write them as a PNG grid.")
     p.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or a checkpoint folder")
-    p.add_argument("--out", type=Path, help="the PNG to write (default: RUN/samples-<mode>-seed<SEED>.png); never overwrites")
+    p.add_argument("--out", help="the PNG to write (FILE.png), or a folder to write it in (default: "
+                   "RUN/samples-<mode>-seed<SEED>.png); never overwrites")
     add_dataclass_flags(p, SampleConfig, "sample", "sampling")
     ns = p.parse_args(argv)
     cfg = build_dataclass(SampleConfig, given(ns, "sample"), "sample")
