@@ -166,7 +166,8 @@ def evaluate_quality(model: ELBOModel, cfg: EvaluateConfig, progress: bool = Fal
     reference = reference_features(network, model.data_config, cfg.split, progress)
     samples = draw(model, SampleConfig(num=cfg.num, seed=cfg.seed, sampler=cfg.sampler, eta=cfg.eta,
                                        sampling_steps=cfg.sampling_steps, batch_size=cfg.batch_size))
-    features = network(from_model(samples, model.data_range), progress=progress)
+    features = network(from_model(samples, model.data_range), progress=progress,
+                       desc=f"Inception features of the {len(samples)} samples")
     fid = frechet_distance(Statistics.of(features), Statistics.of(reference))
     kid, kid_std = kernel_distance(features, reference, seed=cfg.seed)
     return QualityResult(num=len(features), reference=f"{model.data_config.data} {cfg.split}",

@@ -98,13 +98,14 @@ class InceptionFeatures:
                             f"({PYTORCH_FID_SHA256_PREFIX}...); refusing other weights (FIDs would not be comparable)")
         return cls(network=network, weights=path, sha256=digest, device=torch.device(device))
 
-    def __call__(self, images: torch.Tensor, batch_size: int = 50, progress: bool = False) -> np.ndarray:
+    def __call__(self, images: torch.Tensor, batch_size: int = 50, progress: bool = False,
+                 desc: str = "Inception features") -> np.ndarray:
         out = []
         batches = range(0, len(images), batch_size)
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="Inception features", unit="batch")
+            batches = tqdm(batches, desc=desc, unit="batch")
         with torch.no_grad(), torch.jit.optimized_execution(False):
             for i in batches:
                 out.append(self.network(preprocess(images[i : i + batch_size]).to(self.device)).double().cpu())
@@ -226,6 +227,7 @@ def reference_features(network: InceptionFeatures, data, split: str, progress: b
     cached = cache.load(key)
     if cached is not None:
         return cached["features"]
-    features = network(images, progress=progress)
+    desc = f"Inception features of the {len(images)} {split} images (the reference; cached after this once)"
+    features = network(images, progress=progress, desc=desc)
     cache.store(key, {"features": features})
     return features
