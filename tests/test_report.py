@@ -54,6 +54,20 @@ def test_the_curves_end_at_the_final_held_out_bound_and_a_fid_line_is_not_a_term
     assert run.curves[-1] == {"step": 8, "heldout_bpd": final["bpd"]} and len(run.curves) == len(run.metrics) + 1
 
 
+def test_the_headline_is_the_fullest_measurement_of_the_latest_checkpoint(runs, tmp_path):
+    from elbox.report import Run
+
+    folder = tmp_path / "ddpm"
+    shutil.copytree(runs[0], folder)
+    full = json.loads((folder / "evaluations.jsonl").read_text().splitlines()[-1])  # the training's, 32 examples
+    quick = {**full, "examples": 4, "bpd": 9.0, "when": "evaluate"}  # a quick check after it
+    older = {**full, "step": full["step"] - 4, "examples": 64, "bpd": 8.0}  # more examples, an older checkpoint
+    with open(folder / "evaluations.jsonl", "a") as f:
+        f.write(json.dumps(quick) + "\n" + json.dumps(older) + "\n")
+    assert Run(folder).headline("bpd") == full
+    assert Run(folder).headline("fid/kid") is None
+
+
 def chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
         path = shutil.which(name)

@@ -75,9 +75,13 @@ class Run:
         self.parameters = _count_parameters(checkpoint / "model.safetensors")
         self.name = self.folder.name
 
-    def latest(self, metric: str) -> dict[str, Any] | None:
-        found = [e for e in self.evaluations if e.get("metric") == metric]
-        return found[-1] if found else None
+    def headline(self, metric: str) -> dict[str, Any] | None:
+        """The evaluation the summary shows: of the latest checkpoint measured, the one over the most examples
+        (then the most importance samples, then the newest); a quick check on a few examples does not replace
+        the full measurement in the headline (every evaluation is still listed)."""
+        found = [(e.get("step", -1), e.get("examples", 0), e.get("k") or 0, i, e)
+                 for i, e in enumerate(self.evaluations) if e.get("metric") == metric]
+        return max(found, key=lambda f: f[:4])[4] if found else None
 
     @property
     def data(self) -> str:
@@ -107,9 +111,9 @@ def _count_parameters(path: Path) -> int:
 
 
 def _bound_row(run: Run) -> list[str]:
-    bound = run.latest("bpd") or run.latest("elbo")
-    nll = run.latest("nll")
-    quality = run.latest("fid/kid")
+    bound = run.headline("bpd") or run.headline("elbo")
+    nll = run.headline("nll")
+    quality = run.headline("fid/kid")
     label = "" if not bound or bound.get("discrete", True) else " (density)"
     return [
         html.escape(run.name), run.kind, html.escape(run.data), f"{run.parameters:,}", f"{run.step:,}",
