@@ -68,6 +68,20 @@ def test_the_headline_is_the_fullest_measurement_of_the_latest_checkpoint(runs, 
     assert Run(folder).headline("fid/kid") is None
 
 
+def test_the_terms_panel_shows_a_negative_term_on_a_linear_scale():
+    from elbox.plots import _pyplot, training_figure
+
+    def scale(terms_of_step):
+        rows = [{"step": s, "loss": 1.0, "bpd": 1.0, **terms_of_step(s)} for s in range(1, 30)]
+        fig = training_figure(rows, list(rows[0].keys() - {"step", "loss", "bpd"}), "run")
+        _pyplot().close(fig)
+        return fig.axes[1].get_yscale()
+
+    # an LDM's terms: decoder_nll and the prior's KL far apart, its negative entropy below 0 (gone on a log scale)
+    assert scale(lambda s: {"decoder_nll": 80.0, "prior/kl": 0.5 / s, "neg_entropy": -40.0}) == "linear"
+    assert scale(lambda s: {"decoder_nll": 80.0, "prior/kl": 0.5 / s}) == "log"  # positive and wide: log
+
+
 def chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
         path = shutil.which(name)

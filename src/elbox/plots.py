@@ -53,6 +53,11 @@ def training_curves(rows: list[dict[str, Any]], terms: Sequence[str], title: str
     """Three panels over optimizer steps: the training loss (raw and smoothed), each term of the bound (nats per
     example, smoothed), and bits/dim (train estimate, held-out bound where measured); a fourth with FID (and KID)
     when the run measured them during training (``--fid-every``)."""
+    return _png(training_figure(rows, terms, title))
+
+
+def training_figure(rows: list[dict[str, Any]], terms: Sequence[str], title: str):
+    """The matplotlib figure of ``training_curves`` (open: the caller renders and closes it)."""
     plt = _pyplot()
     train = [r for r in rows if r.get("loss") is not None]
     quality = [r for r in rows if r.get("fid") is not None]
@@ -72,7 +77,8 @@ def training_curves(rows: list[dict[str, Any]], terms: Sequence[str], title: str
         if series:
             ax.plot([s for s, _ in series], smooth([v for _, v in series]), color=f"C{i}", lw=1.4, label=name,
                     marker=few)
-    _log_if_wide(ax, [r.get(n) for r in train for n in terms if isinstance(r.get(n), (int, float)) and r.get(n) > 0])
+    # every value, the negative ones too (an LDM's neg_entropy): a log scale would drop those lines unseen
+    _log_if_wide(ax, [r[n] for r in train for n in terms if isinstance(r.get(n), (int, float))])
     ax.set(title="terms of the bound (smoothed)", xlabel="optimizer step", ylabel="nats per example")
     ax.legend(fontsize=7)
     ax = axes[2]
@@ -97,7 +103,7 @@ def training_curves(rows: list[dict[str, Any]], terms: Sequence[str], title: str
         ax.legend(handles=ax.get_lines() + kid.get_lines(), fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def per_step_terms(labels: Sequence[str], nats: Sequence[float], dims: int, title: str) -> bytes:
