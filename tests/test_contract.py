@@ -101,13 +101,13 @@ def test_a_count_of_samples_must_be_a_whole_number(kind):
 
 def test_a_model_refuses_sampler_options_it_does_not_take():
     models = small_models()
-    with pytest.raises(UserError, match=r"a vae does not take the sampling option\(s\) steps \(it takes: none\)$"):
+    with pytest.raises(UserError, match=r"this vae does not take the sampling option\(s\) steps \(it takes: none\)$"):
         models["vae"].sample(2, steps=3)  # the error says what it does take
     models["vae"].sampler_options = ("temperature", "steps")  # a model that takes some: they are listed
     with pytest.raises(UserError, match=r"option\(s\) eta \(it takes: temperature, steps\)$"):
         models["vae"].sample(2, eta=0.5)
     del models["vae"].sampler_options  # back to the class's: none
-    with pytest.raises(UserError, match="--sampler ddim does not apply to a vae"):
+    with pytest.raises(UserError, match="--sampler ddim does not apply to this vae"):
         sampler_options(models["vae"], SampleConfig(sampler="ddim"))
     assert sampler_options(models["vae"], SampleConfig()) == {}
     assert sampler_options(models["ddpm"], SampleConfig(sampler="ddim", sampling_steps=3)) == {
@@ -125,7 +125,7 @@ def test_capabilities_say_what_a_model_can_do():
         kind = "bare"
 
     assert not Bare.has_iwae and Bare.sample_modes == ("prior",) and not Bare.per_step_terms
-    with pytest.raises(UserError, match="a bare has no importance-weighted"):
+    with pytest.raises(UserError, match="this bare has no importance-weighted"):
         Bare(None, (1,)).iwae_bound(torch.zeros(1, 1), 2)
 
 

@@ -75,7 +75,7 @@ def sampler_options(model: ELBOModel, cfg: SampleConfig) -> dict[str, object]:
             options[option] = value
         elif value != getattr(defaults, field_name):
             flag = "--" + field_name.replace("_", "-")
-            raise UserError(f"{flag} {value} does not apply to a {model.kind}: it takes "
+            raise UserError(f"{flag} {value} does not apply to this {model.kind}: it takes "
                             f"{', '.join(model.sampler_options) or 'no sampler options'}")
     return options
 
@@ -86,7 +86,7 @@ def draw(model: ELBOModel, cfg: SampleConfig) -> torch.Tensor:
     if cfg.num < 1:
         raise UserError(f"--num {cfg.num} is not allowed; draw at least 1 sample")
     if cfg.mode not in model.sample_modes:
-        raise UserError(f"--mode {cfg.mode} is not something a {model.kind} draws; choose one of "
+        raise UserError(f"--mode {cfg.mode} is not something this {model.kind} draws; choose one of "
                         f"{', '.join(model.sample_modes)}")
     options = sampler_options(model, cfg)
     with devices.autocast(cfg.precision, next(model.parameters()).device):
@@ -205,7 +205,7 @@ def _measure(model: ELBOModel, cfg: EvaluateConfig, progress: bool):
         raise UserError(f"--per-step {cfg.per_step} exists; choose another file (elbox never overwrites one)")
     if cfg.per_step and not (cfg.metric != "nll" and model.per_step_terms):
         raise UserError(f"--per-step needs the bound of a model with one term per timestep (a DDPM, --metric bpd); "
-                        f"a {model.kind} with --metric {cfg.metric} has none")
+                        f"this {model.kind} with --metric {cfg.metric} has none")
     common = dict(examples=cfg.examples, batch_size=cfg.batch_size, device=device, split=cfg.split, seed=cfg.seed,
                   progress=progress)
     if cfg.metric == "nll":

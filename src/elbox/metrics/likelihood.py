@@ -95,7 +95,7 @@ def evaluate_iwae(model: ELBOModel, data: DataConfig, *, k: int, examples: int =
                   progress: bool = False) -> Evaluation:
     """-log p(x) by the importance-weighted bound log 1/K sum_k p(x, z_k)/q(z_k|x) (Burda et al. 2016)."""
     if not model.has_iwae:
-        raise UserError(f"--metric nll needs a model with an importance-weighted estimate (a VAE); a {model.kind} "
+        raise UserError(f"--metric nll needs a model with an importance-weighted estimate; this {model.kind} "
                         f"has none: use --metric bpd")
     if k < 1:
         raise UserError(f"--k {k} is not allowed; use K >= 1 importance samples (Burda et al. use 5000)")

@@ -96,7 +96,7 @@ class ELBOModel(nn.Module):
 
     def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None) -> Tensor:
         """log p(x) estimated with k importance samples, shape (B,); only for models with ``has_iwae``."""
-        raise UserError(f"a {self.kind} has no importance-weighted likelihood estimate; use its bound (--metric bpd)")
+        raise UserError(f"this {self.kind} has no importance-weighted likelihood estimate; use its bound (--metric bpd)")
 
     def check_batch(self, x: Any) -> None:
         """A clear error for anything but a float batch (B, *data_shape): the user-facing verbs call it first."""
@@ -122,4 +122,4 @@ class ELBOModel(nn.Module):
         unknown = sorted(set(options) - set(self.sampler_options))
         if unknown:
             takes = ", ".join(self.sampler_options) or "none"
-            raise UserError(f"a {self.kind} does not take the sampling option(s) {', '.join(unknown)} (it takes: {takes})")
+            raise UserError(f"this {self.kind} does not take the sampling option(s) {', '.join(unknown)} (it takes: {takes})")
