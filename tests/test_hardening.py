@@ -358,6 +358,7 @@ def test_a_config_built_in_python_takes_lists_and_ints_where_tuples_and_floats_a
     # numpy numbers and arrays, and paths, as a script computes them: stored as the plain types a config file holds
     c = elbox.VAEConfig(hidden=np.array([32, 16]), latent_dim=np.int64(8), beta=np.float32(0.5))
     assert c.hidden == (32, 16) and type(c.hidden[0]) is int and type(c.latent_dim) is int and c.beta == 0.5
+    assert type(elbox.VAEConfig(hidden=[np.int64(32), 16]).hidden[0]) is int  # as TOML would write it
     train = elbox.TrainConfig(steps=np.int64(10), lr=np.float32(0.25))
     assert type(train.steps) is int and "steps = 10" in elbox.RunConfig(train=train).to_toml()  # TOML takes plain types
     assert elbox.DataConfig(data_dir=Path("some/dir")).data_dir == "some/dir"
