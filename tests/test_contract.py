@@ -99,6 +99,21 @@ def test_a_count_of_samples_must_be_a_whole_number(kind):
     assert model.sample(torch.tensor(2)).shape == (2, *model.data_shape)  # any integer will do, a 0-dim tensor too
 
 
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_the_importance_weighted_estimate_reports_each_chunk_and_what_a_sample_costs(kind):
+    """``iwae_bound(..., progress=f)`` calls f with each chunk's count (so `elbox evaluate --metric nll` can show an
+    ETA within a batch: K = 5000 trajectories of a DDPM is hours) and returns the same estimate as without it;
+    ``iwae_passes`` is the network passes one importance sample costs (a DDPM's whole T-step trajectory)."""
+    model = _every_model()[kind].eval()
+    x = torch.zeros(3, *model.data_shape)
+    calls = []
+    with torch.no_grad():
+        got = model.iwae_bound(x, 7, chunk=3, generator=torch.Generator().manual_seed(1), progress=calls.append)
+        want = model.iwae_bound(x, 7, chunk=3, generator=torch.Generator().manual_seed(1))
+    assert calls == [3, 3, 1] and torch.equal(got, want)
+    assert model.iwae_passes == {"ddpm": 5, "vae": 1, "ldm": 4 + 1}[kind]
+
+
 def test_a_model_refuses_sampler_options_it_does_not_take():
     models = small_models()
     with pytest.raises(UserError, match=r"this vae does not take the sampling option\(s\) steps \(it takes: none\)$"):

@@ -102,12 +102,22 @@ def evaluate_iwae(model: ELBOModel, data: DataConfig, *, k: int, examples: int =
     model.eval().to(device)
     x_all = heldout_data(model, data, examples, split, seed)
     generator = torch.Generator().manual_seed(seed)
-    batches = range(0, x_all.shape[0], batch_size)
-    if progress:
+    n = x_all.shape[0]
+    bar = None
+    if progress:  # counted in importance samples, chunk by chunk, so the ETA shows within the first batch
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"IWAE K={k}", unit="batch")
-    log_px = torch.cat([model.iwae_bound(x_all[i : i + batch_size].to(device), k, generator=generator).double().cpu() for i in batches])
+        passes = model.iwae_passes
+        bar = tqdm(total=n * k, unit="sample", unit_scale=True, dynamic_ncols=True,
+                   desc=f"IWAE K={k} on {n} images ({passes:,} network pass{'es' if passes > 1 else ''} a sample)")
+    parts = []
+    for i in range(0, n, batch_size):
+        xb = x_all[i : i + batch_size].to(device)
+        tick = None if bar is None else (lambda done, b=xb.shape[0]: bar.update(done * b))
+        parts.append(model.iwae_bound(xb, k, generator=generator, progress=tick).double().cpu())
+    if bar is not None:
+        bar.close()
+    log_px = torch.cat(parts)
     nats, nats_se = _mean_stderr(-log_px)
     dims = model.dims
     return Evaluation(metric="nll", examples=log_px.numel(), dims=dims, nats=nats, nats_stderr=nats_se,

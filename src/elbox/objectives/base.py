@@ -22,6 +22,7 @@ from disk without the command that made it.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -94,9 +95,17 @@ class ELBOModel(nn.Module):
     def sample(self, n: int, *, generator: torch.Generator | None = None, **sampler_options: Any) -> Tensor:
         raise NotImplementedError
 
-    def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """log p(x) estimated with k importance samples, shape (B,); only for models with ``has_iwae``."""
+    def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None,
+                   progress: Callable[[int], None] | None = None) -> Tensor:
+        """log p(x) estimated with k importance samples, shape (B,); only for models with ``has_iwae``.
+        ``progress(n)``, if given, is called as each chunk of n importance samples is done."""
         raise UserError(f"this {self.kind} has no importance-weighted likelihood estimate; use its bound (--metric bpd)")
+
+    @property
+    def iwae_passes(self) -> int:
+        """Network passes one importance sample of ``iwae_bound`` costs per example (a VAE: one decoder pass; a
+        diffusion model: a whole trajectory), so a caller can say what K costs before it starts."""
+        return 1
 
     def check_batch(self, x: Any) -> None:
         """A clear error for anything but a float batch (B, *data_shape): the user-facing verbs call it first."""

@@ -13,6 +13,7 @@ the 256-level grid) gets the discretized decoder L_0 of Ho et al. eq. 13 and cli
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -244,12 +245,17 @@ class DDPM(ELBOModel):
             log_w += d._sum_dims(gaussian_log_prob(x_prev, torch.zeros_like(x_prev), torch.zeros_like(x_prev))).double()
             return log_w
 
-    def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None, chunk: int = 16) -> Tensor:
+    @property
+    def iwae_passes(self) -> int:
+        return self.diffusion.num_timesteps  # one trajectory: a network pass per step
+
+    def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None, chunk: int = 16,
+                   progress: Callable[[int], None] | None = None) -> Tensor:
         """log p_theta(x_0) estimated with k importance-weighted trajectories (``trajectory_log_weight``), (B,)."""
         self.check_batch(x)
         return log_mean_exp_in_chunks(lambda n: self.trajectory_log_weight(x.repeat(n, *([1] * (x.dim() - 1))),
                                                                          generator=generator).view(n, x.shape[0]),
-                                      k, chunk)
+                                      k, chunk, progress)
 
     # ------------------------------------------------------------------------------------------ sampling
     def sample(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +194,12 @@ class LDM(ELBOModel):
             own = Terms(terms=self._vae_terms(x, z, logvar), dims=self.dims)
             return Terms.merge([own, prior.prefixed("prior")], dims=self.dims)
 
-    def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None, chunk: int = 16) -> Tensor:
+    @property
+    def iwae_passes(self) -> int:
+        return self.prior.iwae_passes + 1  # the prior's trajectory and the VAE's decoder
+
+    def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None, chunk: int = 16,
+                   progress: Callable[[int], None] | None = None) -> Tensor:
         """log p(x) estimated with k importance samples of (z, a diffusion trajectory of s z), shape (B,).
 
         The weights are p(x|z) p_DDPM(z'_{0:T}) s^d / (q(z|x) q(z'_{1:T} | z'_0)) with z ~ q(z|x), z'_0 = s z and
@@ -217,7 +223,7 @@ class LDM(ELBOModel):
                 log_pz = self.prior.trajectory_log_weight(z * s, generator=generator) + z[0].numel() * torch.log(s)
                 return (log_px.double() + log_pz - log_q.double()).view(n, x.shape[0])
 
-            return log_mean_exp_in_chunks(log_weights, k, chunk)
+            return log_mean_exp_in_chunks(log_weights, k, chunk, progress)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, sampler: Sampler = "ancestral",
                steps: int | None = None, eta: float = 0.0, progress: Any = None) -> Tensor:

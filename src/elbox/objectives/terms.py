@@ -55,9 +55,10 @@ def term_words(name: str) -> str:
     return TERM_WORDS.get(name, f"the term {name!r}")
 
 
-def log_mean_exp_in_chunks(log_weights, k: int, chunk: int) -> Tensor:
+def log_mean_exp_in_chunks(log_weights, k: int, chunk: int, progress=None) -> Tensor:
     """log 1/k sum_i w_i from ``log_weights(n)`` -> (n, B) log-weights, called ``chunk`` at a time: the
-    importance-weighted estimate of Burda et al. 2016, eq. 8, in bounded memory."""
+    importance-weighted estimate of Burda et al. 2016, eq. 8, in bounded memory. ``progress(n)``, if given, is
+    called after each chunk with the number of importance samples it held."""
     if int(k) != k or k < 1:
         raise UserError(f"the number of importance samples k must be an integer >= 1; got {k}")
     if int(chunk) != chunk or chunk < 1:
@@ -66,6 +67,8 @@ def log_mean_exp_in_chunks(log_weights, k: int, chunk: int) -> Tensor:
     for done in range(0, int(k), int(chunk)):  # a bounded loop: ceil(k / chunk) calls, whatever the arithmetic
         part = torch.logsumexp(log_weights(min(chunk, k - done)).double(), dim=0)
         total = part if total is None else torch.logaddexp(total, part)
+        if progress is not None:
+            progress(min(chunk, k - done))
     return total - math.log(k)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -318,7 +319,8 @@ class VAE(ELBOModel):
         The z sample comes from ``generator`` (default: the global RNG)."""
         return Terms(terms=self._elbo_terms(x, generator), dims=self.dims)
 
-    def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None, chunk: int = 100) -> Tensor:
+    def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None, chunk: int = 100,
+                   progress: Callable[[int], None] | None = None) -> Tensor:
         """The importance-weighted estimate of log p(x) in nats with k samples, shape (B,) (Burda et al. 2016, eq. 8):
 
             L_k = log 1/k sum_i p(x, z_i) / q(z_i|x),    z_i ~ q(z|x) independently.
@@ -344,6 +346,8 @@ class VAE(ELBOModel):
             log_px, log_prior_ratio = self._log_weights(x, mu, logvar, eps, *parts)
             total = torch.logaddexp(total, torch.logsumexp(log_px + log_prior_ratio, dim=0))
             done += c
+            if progress is not None:
+                progress(c)
         return total - math.log(k)
 
     def _context_parts(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
