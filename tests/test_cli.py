@@ -41,12 +41,12 @@ def test_train_sample_evaluate_end_to_end(tmp_path, elbox_cli):
 
     s = elbox_cli("sample", run, "--num", "4", "--sampler", "ddim", "--sampling-steps", "5", "--seed", "3")
     assert s.returncode == 0, s.stderr
-    png = run / "samples-prior-seed3.png"
+    png = run / "samples-prior-ddim5-seed3.png"  # what drew it is in the name
     assert str(png) in s.stdout and png.is_file()
     again = elbox_cli("sample", run, "--num", "4", "--sampler", "ddim", "--sampling-steps", "5", "--seed", "3")
-    assert (run / "samples-prior-seed3-1.png").is_file(), "a second sample must not overwrite the first"
+    assert (run / "samples-prior-ddim5-seed3-1.png").is_file(), "a second sample must not overwrite the first"
     assert again.returncode == 0
-    assert (run / "samples-prior-seed3-1.png").read_bytes() == png.read_bytes(), "same seed, same samples"
+    assert (run / "samples-prior-ddim5-seed3-1.png").read_bytes() == png.read_bytes(), "same seed, same samples"
 
     e = elbox_cli("evaluate", run, "--metric", "bpd", "--examples", "8", "--json", "--per-step", tmp_path / "steps.json")
     assert e.returncode == 0, e.stderr

@@ -128,6 +128,23 @@ def test_evaluate_never_overwrites_and_sample_writes_into_a_folder(tiny_run, tmp
     assert [p.name for p in folder.iterdir()] == ["samples-prior-seed0.png"]
 
 
+def test_a_sample_grid_is_named_for_what_drew_it(tiny_run, tmp_path, capsys):
+    """Sampler, steps, eta, raw weights and a named checkpoint are in the file name (a DDIM grid and an ancestral
+    grid of one seed are told apart); the defaults add nothing."""
+    folder = tmp_path / "named"
+    checkpoints = sorted((tiny_run / "checkpoints").iterdir())
+    for flags, run in (([], tiny_run), (["--sampler", "ddim", "--sampling-steps", "3"], tiny_run),
+                       (["--sampler", "ddim", "--sampling-steps", "3", "--eta", "0.5"], tiny_run),
+                       (["--sampler", "ddim"], tiny_run), (["--no-ema", "--seed", "2"], tiny_run),
+                       (["--sampler", "ddim", "--sampling-steps", "3"], checkpoints[0])):
+        assert main(["sample", str(run), "--num", "2", "--out", str(folder), *flags]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([
+        "samples-prior-seed0.png", "samples-prior-ddim3-seed0.png", "samples-prior-ddim3-eta0.5-seed0.png",
+        "samples-prior-ddim-seed0.png", "samples-prior-noema-seed2.png",
+        f"samples-prior-ddim3-{checkpoints[0].name}-seed0.png"])
+
+
 def test_sample_out_is_a_png_file_or_a_folder_and_nothing_else(tiny_run, tmp_path, capsys):
     def sample(out):
         return main(["sample", str(tiny_run), "--num", "4", "--out", out])

@@ -68,6 +68,16 @@ def test_the_headline_is_the_fullest_measurement_of_the_latest_checkpoint(runs, 
     assert Run(folder).headline("fid/kid") is None
 
 
+def test_sample_grids_are_listed_in_natural_order():
+    from elbox.report import _natural_order
+
+    names = ["samples-prior-seed10.png", "samples-prior-seed0-1.png", "samples-prior-seed2.png",
+             "samples-prior-seed0.png", "samples-prior-ddim50-seed0.png"]
+    assert [n for n in sorted(names, key=lambda n: _natural_order(Path(n)))] == [
+        "samples-prior-ddim50-seed0.png", "samples-prior-seed0.png", "samples-prior-seed0-1.png",
+        "samples-prior-seed2.png", "samples-prior-seed10.png"]
+
+
 def test_the_terms_panel_shows_a_negative_term_on_a_linear_scale():
     from elbox.plots import _pyplot, training_figure
 

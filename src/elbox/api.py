@@ -134,10 +134,26 @@ def sample_png_path(out: str | Path | None, run_dir: Path, name: str) -> Path:
     return _unused_path(path)
 
 
+def sample_file_name(model: ELBOModel, cfg: SampleConfig, checkpoint: str | None = None) -> str:
+    """``samples-MODE[-ddimN[-etaE]][-noema][-step-N]-seedS.png``: what drew the grid, in its name; the defaults
+    (ancestral, EMA weights, a run folder rather than one of its checkpoints) add nothing."""
+    options = sampler_options(model, cfg)
+    parts = [cfg.mode]
+    if options.get("sampler") == "ddim":
+        parts.append(f"ddim{options['steps'] or ''}" + (f"-eta{options['eta']:g}" if options["eta"] else ""))
+    if not cfg.ema:
+        parts.append("noema")
+    if checkpoint:
+        parts.append(checkpoint)
+    return f"samples-{'-'.join(parts)}-seed{cfg.seed}.png"
+
+
 def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: str | Path | None = None) -> Path:
     """Draw samples per ``cfg`` and write them as a PNG grid (a scatter plot for 2-D vector data)."""
-    run_dir = ckpt.resolve_checkpoint(run).parent.parent
-    path = sample_png_path(out, run_dir, f"samples-{cfg.mode}-seed{cfg.seed}.png")  # before the work of drawing
+    checkpoint = ckpt.resolve_checkpoint(run)
+    run_dir = checkpoint.parent.parent
+    named = checkpoint.name if Path(run).resolve() == checkpoint.resolve() else None  # a checkpoint named, not a run
+    path = sample_png_path(out, run_dir, sample_file_name(model, cfg, named))  # before the work of drawing
     x = draw(model, cfg)
     if model.draws_images:
         nrow = INTERPOLATION_STEPS if cfg.mode == "interpolate" else 2 if cfg.mode == "reconstruct" and cfg.num <= 4 else None

@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,11 @@ flex-wrap: wrap; align-items: flex-start; } .grids figure { margin: 0; } figcapt
 details { margin: 8px 0; } pre { background: #f7f7fa; padding: 10px; font-size: 12px; overflow-x: auto; }
 .note { font-size: 12px; color: #667; } .timeline img { width: 150px; }
 """
+
+
+def _natural_order(path: Path) -> list:
+    """seed2 before seed10, and a first grid (samples-prior-seed0.png) before its repeat (samples-prior-seed0-1)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.stem)]
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -162,7 +168,7 @@ def _run_section(run: Run) -> str:
             plots.per_step_terms(steps["per_step_labels"], steps["per_step"], steps["dims"], run.name),
             "per-timestep terms"))
     grids = [(name, run.folder / name) for name in ("samples.png", "reconstructions.png")]
-    grids += [(p.name, p) for p in sorted(run.folder.glob("samples-*.png"))]
+    grids += [(p.name, p) for p in sorted(run.folder.glob("samples-*.png"), key=_natural_order)]
     shown = [f"<figure>{_img(p.read_bytes(), name)}<figcaption>{html.escape(name)}</figcaption></figure>"
              for name, p in grids if p.is_file()]
     if shown:
