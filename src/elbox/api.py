@@ -21,7 +21,7 @@ from elbox.devices import resolve_device
 from elbox.errors import UserError
 from elbox.metrics.likelihood import evaluate_bound, evaluate_iwae
 from elbox.objectives.base import ELBOModel
-from elbox.viz import image_grid, save_png, scatter_plot
+from elbox.viz import image_grid, pairs_grid, save_png, scatter_plot
 
 
 def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> ELBOModel:
@@ -156,8 +156,10 @@ def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: str | 
     path = sample_png_path(out, run_dir, sample_file_name(model, cfg, named))  # before the work of drawing
     x = draw(model, cfg)
     if model.draws_images:
-        nrow = INTERPOLATION_STEPS if cfg.mode == "interpolate" else 2 if cfg.mode == "reconstruct" and cfg.num <= 4 else None
-        return save_png(image_grid(from_model(x, model.data_range), nrow=nrow), path)
+        images = from_model(x, model.data_range)
+        if cfg.mode == "reconstruct":
+            return save_png(pairs_grid(images), path)
+        return save_png(image_grid(images, nrow=INTERPOLATION_STEPS if cfg.mode == "interpolate" else None), path)
     return save_png(scatter_plot(x.numpy()), path)
 
 

@@ -11,8 +11,17 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, min_cell: int = 64) -> Image.Image:
-    """Tile uint8 images (N, C, H, W) into one picture; small images are scaled up (nearest) to >= min_cell px."""
+def pairs_grid(pairs: torch.Tensor) -> Image.Image:
+    """uint8 images (2N, C, H, W) that alternate a test image and its reconstruction, tiled an even number of
+    columns wide so each pair sits side by side, under a header that says which column is which."""
+    nrow = 2 * math.ceil(math.ceil(math.sqrt(pairs.shape[0])) / 2)
+    return image_grid(pairs, nrow=nrow, column_labels=("data", "recon."))
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, min_cell: int = 64,
+               column_labels: Sequence[str] = ()) -> Image.Image:
+    """Tile uint8 images (N, C, H, W) into one picture; small images are scaled up (nearest) to >= min_cell px.
+    ``column_labels``, repeated across the columns, are written in a header strip above them."""
     images = images.detach().cpu()
     if images.dtype != torch.uint8:
         raise TypeError("image_grid takes uint8 images; convert with elbox.data.from_model first")
@@ -30,7 +39,24 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, min_
         r, col = divmod(i, nrow)
         y, x = pad + r * (hs + pad), pad + col * (ws + pad)
         grid[y : y + hs, x : x + ws] = img
-    return Image.fromarray(grid)
+    picture = Image.fromarray(grid)
+    if column_labels:
+        picture = _with_header(picture, [column_labels[i % len(column_labels)] for i in range(nrow)], ws, pad)
+    return picture
+
+
+def _with_header(picture: Image.Image, labels: Sequence[str], cell: int, pad: int) -> Image.Image:
+    """``picture`` under a white strip with one label centred over each column of cells ``cell`` px wide."""
+    from PIL import ImageFont
+
+    font = ImageFont.load_default(size=max(9, min(14, cell // 5)))
+    height = int(font.size * 1.6)
+    out = Image.new("RGB", (picture.width, picture.height + height), "white")
+    out.paste(picture, (0, height))
+    draw = ImageDraw.Draw(out)
+    for i, label in enumerate(labels):
+        draw.text((pad + i * (cell + pad) + cell / 2, height / 2 + 1), label, fill=(60, 60, 60), font=font, anchor="mm")
+    return out
 
 
 def scatter_plot(points: np.ndarray, size: int = 512, extent: float | None = None) -> Image.Image:

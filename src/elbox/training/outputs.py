@@ -24,7 +24,7 @@ from elbox.config import DataConfig, RunConfig, TrainConfig
 from elbox.data import from_model, to_model
 from elbox.errors import UserError
 from elbox.objectives.base import ELBOModel
-from elbox.viz import image_grid, line_plot, save_png, scatter_plot
+from elbox.viz import image_grid, line_plot, pairs_grid, save_png, scatter_plot
 
 if TYPE_CHECKING:
     from elbox.metrics.likelihood import Evaluation
@@ -180,7 +180,7 @@ def write_reconstructions(model: ELBOModel, data: DataConfig, path: Path, t: Tra
         x = x.to(next(model.parameters()).device)
         pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
     model.train(was_training)
-    return save_png(image_grid(from_model(torch.nan_to_num(pairs), model.data_range)), path)
+    return save_png(pairs_grid(from_model(torch.nan_to_num(pairs), model.data_range)), path)
 
 
 @torch.no_grad()
