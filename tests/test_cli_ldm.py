@@ -53,6 +53,24 @@ def test_train_evaluate_sample_a_latent_diffusion_model(tmp_path, elbox_cli, vae
     assert s.returncode == 0, s.stderr
 
 
+def test_config_toml_states_the_measured_scale_and_repeats_the_run_from_anywhere(tmp_path, elbox_cli):
+    """config.toml says every value the run used: the latent scale measured at the start (not 0, "measure it"), the
+    VAE's folder as an absolute path; `elbox train --config` from another working directory repeats the run."""
+    assert elbox_cli("train", "vae", "--out", "vae", *VECTOR_VAE, *QUICK, cwd=tmp_path).returncode == 0
+    r = elbox_cli("train", "ldm", "--vae", "vae", "--out", "ldm", "--timesteps", "10", *QUICK, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    config = load_run_config(tmp_path / "ldm" / "config.toml").model_config
+    first = elbox.load(tmp_path / "ldm")
+    assert config.vae == str((tmp_path / "vae").resolve())
+    assert config.latent_scale == float(first.latent_scale) and config.latent_scale not in (0.0, 1.0)
+    (tmp_path / "elsewhere").mkdir()
+    again = elbox_cli("train", "--config", tmp_path / "ldm" / "config.toml", "--out", "again", cwd=tmp_path / "elsewhere")
+    assert again.returncode == 0, again.stderr
+    second = elbox.load(tmp_path / "elsewhere" / "again")
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
+
+
 def test_latent_diffusion_needs_a_vae_run(tmp_path, elbox_cli):
     r = elbox_cli("train", "ldm", "--out", tmp_path / "x", *QUICK)
     assert r.returncode == 2 and "needs a trained VAE" in r.stderr and "Traceback" not in r.stderr

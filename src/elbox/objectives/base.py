@@ -59,7 +59,9 @@ class ELBOModel(nn.Module):
 
     def initialize(self, x: Tensor) -> None:
         """Called by the trainer once, before the first step of a new run (not on a resume), with a batch of
-        training data in the model's range: a model built on another trained model loads it here."""
+        training data in the model's range: a model built on another trained model loads it here. A value the
+        config left to be measured is measured here, and ``self.config`` then holds it (the trainer rewrites the
+        run's config.toml with it, so that file states every value the run used)."""
 
     @property
     def data_range(self) -> str:

@@ -32,6 +32,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,7 +110,8 @@ class LDM(ELBOModel):
         if desc["kind"] != "vae":
             raise UserError(f"--vae {config.vae} is a {desc['kind']} run; latent diffusion needs a VAE run")
         vae_config = json.dumps({"config": desc["config"], "data_shape": desc["data_shape"]})
-        return dataclasses.replace(config, vae_config=vae_config)
+        # the VAE's folder as an absolute path: config.toml then repeats the run from any working directory
+        return dataclasses.replace(config, vae_config=vae_config, vae=str(Path(config.vae).resolve()))
 
     def initialize(self, x: Tensor) -> None:
         """A new run starts from the trained VAE's weights (its EMA weights when it has them) and, with
@@ -123,6 +125,7 @@ class LDM(ELBOModel):
             with torch.no_grad():
                 z = self._encode(x.to(self.latent_scale.device), None)[0]
                 self.latent_scale.fill_(1.0 / float(z.double().std()))
+            self.config = dataclasses.replace(self.config, latent_scale=float(self.latent_scale))
 
     # ---- the pieces ----------------------------------------------------------------------------------------
     @property

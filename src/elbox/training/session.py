@@ -131,6 +131,10 @@ def set_up(cfg: RunConfig, dataset: Dataset, model: ELBOModel, out: Path, folder
     if state is None:  # a new run: a model built on another trained model (latent diffusion's VAE) loads it now
         model.initialize(to_model(dataset.data[:512], model.data_range,
                                   generator=torch.Generator().manual_seed(t.seed)).to(info.device))
+        if model.config != cfg.model_config:  # a value measured now (latent diffusion's scale): config.toml says it
+            cfg = dataclasses.replace(cfg, model_config=model.config)
+            if folder is not None:
+                folder.write_config(cfg)
     if t.channels_last:  # only 4-D weights (convolutions) change layout
         model = model.to(memory_format=torch.channels_last)
     # fused: one kernel over every tensor (CPU and CUDA; same update rule as the per-tensor loop)
