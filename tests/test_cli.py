@@ -43,6 +43,9 @@ def test_train_sample_evaluate_end_to_end(tmp_path, elbox_cli):
     assert s.returncode == 0, s.stderr
     png = run / "samples-prior-ddim5-seed3.png"  # what drew it is in the name
     assert str(png) in s.stdout and png.is_file()
+    assert "ddim sampling: 4 samples, 5 steps x 1 batch" in s.stderr and "5/5" in s.stderr  # a bar over the chain
+    b = elbox_cli("sample", run, "--num", "3", "--batch-size", "2", "--out", tmp_path / "two.png")
+    assert b.returncode == 0 and "ancestral sampling: 3 samples, 20 steps x 2 batches" in b.stderr and "40/40" in b.stderr
     again = elbox_cli("sample", run, "--num", "4", "--sampler", "ddim", "--sampling-steps", "5", "--seed", "3")
     assert (run / "samples-prior-ddim5-seed3-1.png").is_file(), "a second sample must not overwrite the first"
     assert again.returncode == 0

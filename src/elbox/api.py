@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -80,8 +81,30 @@ def sampler_options(model: ELBOModel, cfg: SampleConfig) -> dict[str, object]:
     return options
 
 
-def draw(model: ELBOModel, cfg: SampleConfig) -> torch.Tensor:
-    """Samples in the model's data range, following ``cfg`` (prior samples, or the other modes a model has)."""
+class _ChainBar:
+    """A progress bar over every network pass of a sampling chain, batch after batch (a model's ``progress``
+    sampler option calls it with (done, total) after each step); made at the first call, when the steps are known."""
+
+    def __init__(self, num: int, batches: int, desc: str) -> None:
+        self.num, self.batches, self.desc, self.bar = num, batches, desc, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total * self.batches, unit="step", dynamic_ncols=True,
+                            desc=f"{self.desc}: {self.num} samples, {total} steps x {self.batches} "
+                                 f"batch{'es' if self.batches > 1 else ''}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def draw(model: ELBOModel, cfg: SampleConfig, progress: bool = False) -> torch.Tensor:
+    """Samples in the model's data range, following ``cfg`` (prior samples, or the other modes a model has);
+    ``progress``: a bar over the sampling chain's steps, for a model whose sampler reports them (a DDPM)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.num < 1:
         raise UserError(f"--num {cfg.num} is not allowed; draw at least 1 sample")
@@ -93,8 +116,14 @@ def draw(model: ELBOModel, cfg: SampleConfig) -> torch.Tensor:
         if cfg.mode != "prior":
             return _data_mode(model, cfg, generator).float()
         out = []
+        bar = None
+        if progress and "progress" in model.sampler_options:
+            bar = _ChainBar(cfg.num, math.ceil(cfg.num / cfg.batch_size), f"{options.get('sampler', '')} sampling")
+            options["progress"] = bar
         for start in range(0, cfg.num, cfg.batch_size):
             out.append(model.sample(min(cfg.batch_size, cfg.num - start), generator=generator, **options).float().cpu())
+        if bar is not None:
+            bar.close()
     return torch.cat(out)
 
 
@@ -148,13 +177,14 @@ def sample_file_name(model: ELBOModel, cfg: SampleConfig, checkpoint: str | None
     return f"samples-{'-'.join(parts)}-seed{cfg.seed}.png"
 
 
-def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: str | Path | None = None) -> Path:
+def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: str | Path | None = None,
+                     progress: bool = False) -> Path:
     """Draw samples per ``cfg`` and write them as a PNG grid (a scatter plot for 2-D vector data)."""
     checkpoint = ckpt.resolve_checkpoint(run)
     run_dir = checkpoint.parent.parent
     named = checkpoint.name if Path(run).resolve() == checkpoint.resolve() else None  # a checkpoint named, not a run
     path = sample_png_path(out, run_dir, sample_file_name(model, cfg, named))  # before the work of drawing
-    x = draw(model, cfg)
+    x = draw(model, cfg, progress)
     if model.draws_images:
         images = from_model(x, model.data_range)
         if cfg.mode == "reconstruct":
@@ -183,7 +213,7 @@ def evaluate_quality(model: ELBOModel, cfg: EvaluateConfig, progress: bool = Fal
     network = InceptionFeatures.load(cfg.fid_weights, device)
     reference = reference_features(network, model.data_config, cfg.split, progress)
     samples = draw(model, SampleConfig(num=cfg.num, seed=cfg.seed, sampler=cfg.sampler, eta=cfg.eta,
-                                       sampling_steps=cfg.sampling_steps, batch_size=cfg.batch_size))
+                                       sampling_steps=cfg.sampling_steps, batch_size=cfg.batch_size), progress)
     features = network(from_model(samples, model.data_range), progress=progress,
                        desc=f"Inception features of the {len(samples)} samples")
     fid = frechet_distance(Statistics.of(features), Statistics.of(reference))

@@ -257,12 +257,12 @@ def cmd_sample(argv: list[str]) -> int:
     p = OneLineParser(prog=f"{PROG} sample", description="Draw samples from a trained run and write them as a PNG grid.")
     p.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--out", help="the PNG to write (FILE.png), or a folder to write it in (default: "
-                   "RUN/samples-<mode>-seed<SEED>.png); never overwrites")
+                   "RUN/samples-<mode>[-ddim<STEPS>][-noema]-seed<SEED>.png); never overwrites")
     add_dataclass_flags(p, SampleConfig, "sample", "sampling")
     ns = p.parse_args(argv)
     cfg = build_dataclass(SampleConfig, given(ns, "sample"), "sample")
     model = load(ns.run, ema=cfg.ema, device=cfg.device)
-    path = write_sample_png(model, ns.run, cfg, ns.out)
+    path = write_sample_png(model, ns.run, cfg, ns.out, progress=True)
     print(f"elbox: wrote {path}", flush=True)
     return 0
 
