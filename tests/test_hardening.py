@@ -161,10 +161,29 @@ def test_sample_out_is_a_png_file_or_a_folder_and_nothing_else(tiny_run, tmp_pat
     capsys.readouterr()
     for bad in ("foo.jpg", "report.html"):
         assert sample(str(tmp_path / bad)) == 2
-        assert "writes a PNG; give a name ending in .png, or a folder" in one_line(capsys)
+        assert "writes a PNG grid or an .npz of the samples; give a name ending in .png or .npz" in one_line(capsys)
     assert sample(str(tmp_path / "notes")) == 2 and "is a file, not a folder or a .png" in one_line(capsys)
     assert (tmp_path / "report.html").read_text() == "mine" and (tmp_path / "notes").read_text() == "mine"
     assert not (tmp_path / "foo.jpg").exists() and not list(tmp_path.glob("report-*"))
+
+
+def test_sample_out_npz_holds_the_samples_themselves_as_uint8_nhwc(tiny_run, tmp_path, capsys):
+    """FILE.npz: arr_0, uint8 (N, H, W, C), the very samples the grid of the same seed shows (the layout FID
+    tools read); never over an existing file."""
+    import numpy as np
+
+    from elbox.api import draw, load
+    from elbox.config import SampleConfig
+    from elbox.data import from_model
+
+    assert main(["sample", str(tiny_run), "--num", "5", "--seed", "4", "--out", str(tmp_path / "s.npz")]) == 0
+    assert main(["sample", str(tiny_run), "--num", "5", "--seed", "4", "--out", str(tmp_path / "s.npz")]) == 0
+    capsys.readouterr()
+    with np.load(tmp_path / "s.npz") as f, np.load(tmp_path / "s-1.npz") as again:
+        arr = f["arr_0"]
+        assert arr.dtype == np.uint8 and arr.shape == (5, 8, 8, 1) and (arr == again["arr_0"]).all()
+    want = from_model(draw(load(tiny_run), SampleConfig(num=5, seed=4)), "symmetric").permute(0, 2, 3, 1).numpy()
+    assert (arr == want).all() and arr.std() > 0
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -149,8 +149,9 @@ def _data_mode(model: ELBOModel, cfg: SampleConfig, generator: torch.Generator) 
 
 
 def sample_png_path(out: str | Path | None, run_dir: Path, name: str) -> Path:
-    """Where a sample grid goes: ``out`` if it names a .png file; ``out/name`` if it is a folder (one that exists,
-    or a name ending in "/" or without a suffix, made when written); else ``run_dir/name``. Never over a file."""
+    """Where samples go: ``out`` if it names a .png file (a grid) or a .npz file (the samples themselves);
+    ``out/name`` if it is a folder (one that exists, or a name ending in "/" or without a suffix, made when
+    written); else ``run_dir/name``. Never over a file."""
     if out is None:
         return _unused_path(run_dir / name)
     path = Path(out)
@@ -158,8 +159,9 @@ def sample_png_path(out: str | Path | None, run_dir: Path, name: str) -> Path:
         if path.exists() and not path.is_dir():
             raise UserError(f"--out {out} is a file, not a folder or a .png; give a name ending in .png, or a folder")
         return _unused_path(path / name)
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--out {out}: elbox sample writes a PNG; give a name ending in .png, or a folder")
+    if path.suffix.lower() not in (".png", ".npz"):
+        raise UserError(f"--out {out}: elbox sample writes a PNG grid or an .npz of the samples; give a name ending "
+                        f"in .png or .npz, or a folder")
     return _unused_path(path)
 
 
@@ -179,18 +181,33 @@ def sample_file_name(model: ELBOModel, cfg: SampleConfig, checkpoint: str | None
 
 def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: str | Path | None = None,
                      progress: bool = False) -> Path:
-    """Draw samples per ``cfg`` and write them as a PNG grid (a scatter plot for 2-D vector data)."""
+    """Draw samples per ``cfg`` and write them as a PNG grid (a scatter plot for 2-D vector data), or, to an
+    ``out`` ending in .npz, as an array ``arr_0``: images as uint8 (N, H, W, C), the layout of the samples that
+    Dhariwal & Nichol's FID evaluator and most FID tools read; vectors as float32 (N, D)."""
     checkpoint = ckpt.resolve_checkpoint(run)
     run_dir = checkpoint.parent.parent
     named = checkpoint.name if Path(run).resolve() == checkpoint.resolve() else None  # a checkpoint named, not a run
     path = sample_png_path(out, run_dir, sample_file_name(model, cfg, named))  # before the work of drawing
     x = draw(model, cfg, progress)
+    if path.suffix.lower() == ".npz":
+        return _save_npz(from_model(x, model.data_range).permute(0, 2, 3, 1) if model.draws_images else x, path)
     if model.draws_images:
         images = from_model(x, model.data_range)
         if cfg.mode == "reconstruct":
             return save_png(pairs_grid(images), path)
         return save_png(image_grid(images, nrow=INTERPOLATION_STEPS if cfg.mode == "interpolate" else None), path)
     return save_png(scatter_plot(x.numpy()), path)
+
+
+def _save_npz(samples: torch.Tensor, path: Path) -> Path:
+    """``samples`` as ``arr_0`` of an .npz, written atomically (a reader never sees half a file)."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, arr_0=samples.contiguous().numpy())
+    tmp.replace(path)
+    return path
 
 
 def evaluate_quality(model: ELBOModel, cfg: EvaluateConfig, progress: bool = False):

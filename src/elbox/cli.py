@@ -254,9 +254,11 @@ def _vae_data(vae_run: str) -> DataConfig:
 def cmd_sample(argv: list[str]) -> int:
     from elbox.api import load, write_sample_png
 
-    p = OneLineParser(prog=f"{PROG} sample", description="Draw samples from a trained run and write them as a PNG grid.")
+    p = OneLineParser(prog=f"{PROG} sample", description="Draw samples from a trained run and write them as a PNG grid "
+                      "(or an .npz).")
     p.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or a checkpoint folder")
-    p.add_argument("--out", help="the PNG to write (FILE.png), or a folder to write it in (default: "
+    p.add_argument("--out", help="the PNG grid to write (FILE.png), the samples themselves as FILE.npz (uint8 "
+                   "N x H x W x C in arr_0), or a folder to write a grid in (default: "
                    "RUN/samples-<mode>[-ddim<STEPS>][-noema]-seed<SEED>.png); never overwrites")
     add_dataclass_flags(p, SampleConfig, "sample", "sampling")
     ns = p.parse_args(argv)
