@@ -78,6 +78,16 @@ def test_sample_grids_are_listed_in_natural_order():
         "samples-prior-seed2.png", "samples-prior-seed10.png"]
 
 
+def test_a_run_with_one_logged_point_shows_on_the_side_by_side_plot():
+    from elbox.plots import _pyplot, compare_figure
+
+    fig = compare_figure({"short": [(20, 7.0)], "long": [(s, 1.0 / s) for s in range(50, 300, 50)]}, "bpd", "runs")
+    _pyplot().close(fig)
+    short, long = fig.axes[0].get_lines()
+    assert short.get_marker() == "o" and long.get_marker() in ("None", None, "")
+    assert fig.axes[0].get_xlim()[0] <= 20  # the short run's point is inside the axes
+
+
 def test_the_terms_panel_shows_a_negative_term_on_a_linear_scale():
     from elbox.plots import _pyplot, training_figure
 

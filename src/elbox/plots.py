@@ -154,12 +154,18 @@ def rate_distortion(rows: list[dict[str, Any]], title: str, rate: str = "kl", di
 
 def compare_runs(curves: dict[str, list[tuple[int, float]]], ylabel: str, title: str) -> bytes:
     """One smoothed curve per run, overlaid."""
+    return _png(compare_figure(curves, ylabel, title))
+
+
+def compare_figure(curves: dict[str, list[tuple[int, float]]], ylabel: str, title: str):
+    """The figure of ``compare_runs``: a run with one or two logged points gets markers, or it would not show."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for i, (name, points) in enumerate(curves.items()):
         if points:
-            ax.plot([s for s, _ in points], smooth([v for _, v in points]), lw=1.5, color=f"C{i}", label=name)
+            ax.plot([s for s, _ in points], smooth([v for _, v in points]), lw=1.5, color=f"C{i}", label=name,
+                    marker="o" if len(points) < 3 else None)
     ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return fig
