@@ -91,6 +91,25 @@ def test_a_batch_of_the_wrong_shape_or_type_is_one_line_naming_what_the_model_ta
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("verb", ["losses", "bound", "iwae_bound"])
+def test_a_batch_of_another_precision_or_device_is_one_line(kind, verb):
+    """A half-precision batch for fp32 weights (outside autocast), or one on another device (meta stands in for a
+    GPU), is a one-line error saying what to do, not torch's traceback from deep in a layer; under autocast a
+    bf16 batch is what mixed precision hands over, and runs."""
+    model = _every_model()[kind]
+    call = {"losses": lambda x: model.losses(x, step=0), "bound": model.bound,
+            "iwae_bound": lambda x: model.iwae_bound(x, 2)}[verb]
+    good = torch.zeros(2, *model.data_shape)
+    with pytest.raises(UserError, match=rf"^this {kind}'s weights are torch.float32, the batch is torch.float16; "
+                                        r"convert the batch \(x.to\(torch.float32\)\) or run under torch.autocast"):
+        call(good.half())
+    with pytest.raises(UserError, match=rf"^this {kind} is on cpu, the batch on meta; move one to the other"):
+        call(good.to("meta"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        call(good.bfloat16())
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
 def test_a_count_of_samples_must_be_a_whole_number(kind):
     model = _every_model()[kind]
     for n in (2.5, -1, "3", None):

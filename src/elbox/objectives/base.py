@@ -118,6 +118,15 @@ class ELBOModel(nn.Module):
             raise UserError(f"this {self.kind} takes a float batch of shape ({want}) in its data range "
                             f"'{self.data_range}' (elbox.data.transforms.to_model(images, model.data_range) makes one "
                             f"from uint8 images); got {got}")
+        weight = next(self.parameters(), None)
+        if weight is None:
+            return
+        if x.device != weight.device:
+            raise UserError(f"this {self.kind} is on {weight.device}, the batch on {x.device}; move one to the other "
+                            f"(x.to('{weight.device}'))")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise UserError(f"this {self.kind}'s weights are {weight.dtype}, the batch is {x.dtype}; convert the batch "
+                            f"(x.to({weight.dtype})) or run under torch.autocast for mixed precision")
 
     def check_count(self, n: Any) -> int:
         """``n`` as an int >= 0 (a numpy or torch integer too), or a clear error."""
