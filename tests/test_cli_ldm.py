@@ -69,6 +69,19 @@ def test_config_toml_states_the_measured_scale_and_repeats_the_run_from_anywhere
     second = elbox.load(tmp_path / "elsewhere" / "again")
     for name, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[name]), name
+    # the same file with another --vae: that VAE's description and scale, measured afresh (not the file's)
+    assert elbox_cli("train", "vae", "--out", "vae2", "--seed", "5", *VECTOR_VAE, *QUICK, cwd=tmp_path).returncode == 0
+    other = elbox_cli("train", "ldm", "--config", "ldm/config.toml", "--vae", "vae2", "--out", "other", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr
+    config2 = load_run_config(tmp_path / "other" / "config.toml").model_config
+    assert config2.vae == str((tmp_path / "vae2").resolve()) and config2.latent_scale != config.latent_scale
+    assert config2.latent_scale == float(elbox.load(tmp_path / "other").latent_scale)
+    # a resume takes its VAE's path however it is written (relative, a trailing slash)
+    for vae in ("vae", "vae/"):
+        more = elbox_cli("train", "ldm", "--resume", "ldm", "--vae", vae, "--steps", "5", "--quiet", cwd=tmp_path)
+        assert more.returncode == 0, more.stderr
+    moved = elbox_cli("train", "ldm", "--resume", "ldm", "--vae", "vae2", "--steps", "6", cwd=tmp_path)
+    assert moved.returncode == 2 and "holds a different model" in moved.stderr
 
 
 def test_latent_diffusion_needs_a_vae_run(tmp_path, elbox_cli):

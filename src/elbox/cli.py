@@ -202,7 +202,7 @@ def train_config_from_args(argv: list[str]) -> tuple[RunConfig, Path, bool]:
         out = ns.out or Path("runs") / f"{base.model}-{base.data.data.replace(':', '-').replace('/', '-')}"
     if base.model != model and (given(ns, "model")):
         raise UserError(f"flags for {model} given, but the run is a {base.model}; use `elbox train {base.model} ...`")
-    model_config = _override(base.model_config, given(ns, "model"), base.model)
+    model_config = _override(base.model_config, _vae_flags(given(ns, "model"), ns.resume), base.model)
     data = base.data
     if base.model == "ldm" and ns.resume is None and not ns.config and "data" not in given(ns, "data"):
         data = _vae_data(model_config.vae)  # latent diffusion trains on its VAE's data unless told otherwise
@@ -213,6 +213,16 @@ def train_config_from_args(argv: list[str]) -> tuple[RunConfig, Path, bool]:
         train=_override(base.train, given(ns, "train"), "train"),
     )
     return cfg, out, ns.resume is not None
+
+
+def _vae_flags(flags: dict[str, Any], resume: Path | None) -> dict[str, Any]:
+    """Latent diffusion's --vae, as an absolute path (as config.toml stores it: a resume takes the same VAE however
+    its path is written). A new run on it (--config with another --vae, say) reads its description and measures its
+    latent scale afresh (unless --latent-scale is given), not the file's."""
+    if "vae" not in flags:
+        return flags
+    flags = {**flags, "vae": str(Path(flags["vae"]).resolve())}
+    return flags if resume is not None else {"vae_config": "", "latent_scale": 0.0, **flags}
 
 
 def cmd_train(argv: list[str]) -> int:

@@ -49,8 +49,8 @@ def _with_header(picture: Image.Image, labels: Sequence[str], cell: int, pad: in
     """``picture`` under a white strip with one label centred over each column of cells ``cell`` px wide."""
     from PIL import ImageFont
 
-    font = ImageFont.load_default(size=max(9, min(14, cell // 5)))
-    height = int(font.size * 1.6)
+    font = ImageFont.load_default(size=max(9, min(14, cell // 5)))  # Pillow without FreeType: its bitmap font
+    height = int(getattr(font, "size", 11) * 1.6)
     out = Image.new("RGB", (picture.width, picture.height + height), "white")
     out.paste(picture, (0, height))
     draw = ImageDraw.Draw(out)
