@@ -36,7 +36,7 @@ def test_vae_train_sample_evaluate(tmp_path, elbox_cli, capsys):
     assert nll["metric"] == "nll" and nll["k"] == 20 and nll["examples"] == 16
     assert main(["evaluate", str(run), "--metric", "nll", "--k", "20", "--examples", "16"]) == 0
     shown = capsys.readouterr()  # the bar counts importance samples, what each costs, and reaches them all
-    assert "IWAE K=20 on 16 images (1 network pass a sample)" in shown.err and "320/320" in shown.err
+    assert "IWAE K=20 on 16 examples (1 network pass a sample)" in shown.err and "320/320" in shown.err
     assert f"{nll['nats']:.3f}" in shown.out  # the same estimate with the bar as without
     # the importance-weighted bound is tighter than the ELBO on the same examples (Burda et al. theorem 1)
     assert nll["nats"] <= elbo["nats"] + 3 * elbo["nats_stderr"]

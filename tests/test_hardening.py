@@ -162,7 +162,10 @@ def test_sample_out_is_a_png_file_or_a_folder_and_nothing_else(tiny_run, tmp_pat
     for bad in ("foo.jpg", "report.html"):
         assert sample(str(tmp_path / bad)) == 2
         assert "writes a PNG grid or an .npz of the samples; give a name ending in .png or .npz" in one_line(capsys)
-    assert sample(str(tmp_path / "notes")) == 2 and "is a file, not a folder or a .png" in one_line(capsys)
+    assert sample(str(tmp_path / "notes")) == 2 and "is a file, not a folder, a .png or an .npz" in one_line(capsys)
+    # a place that cannot hold a file is said before anything is drawn (not after hours of sampling)
+    assert sample(str(tmp_path / "notes" / "grid.png")) == 2
+    assert f"{tmp_path / 'notes'} is not a folder this user can write in" in one_line(capsys)
     assert (tmp_path / "report.html").read_text() == "mine" and (tmp_path / "notes").read_text() == "mine"
     assert not (tmp_path / "foo.jpg").exists() and not list(tmp_path.glob("report-*"))
 
@@ -184,6 +187,17 @@ def test_sample_out_npz_holds_the_samples_themselves_as_uint8_nhwc(tiny_run, tmp
         assert arr.dtype == np.uint8 and arr.shape == (5, 8, 8, 1) and (arr == again["arr_0"]).all()
     want = from_model(draw(load(tiny_run), SampleConfig(num=5, seed=4)), "symmetric").permute(0, 2, 3, 1).numpy()
     assert (arr == want).all() and arr.std() > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s-1.npz", "s.npz"]  # no temporary file left behind
+
+
+def test_an_npz_holds_prior_samples_only(tmp_path, capsys):
+    run = tmp_path / "vae"
+    assert main(["train", "vae", "--out", str(run), "--hidden", "16", "--latent-dim", "2", "--steps", "2",
+                 "--batch-size", "8", "--num-samples", "4", "--final-eval-examples", "8", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--mode", "reconstruct", "--num", "4", "--out", str(tmp_path / "r.npz")]) == 2
+    assert "an .npz holds prior samples" in one_line(capsys) and not (tmp_path / "r.npz").exists()
+    assert main(["sample", str(run), "--num", "3", "--out", str(tmp_path / "p.npz")]) == 0
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -22,7 +22,7 @@ from elbox.devices import resolve_device
 from elbox.errors import UserError
 from elbox.metrics.likelihood import evaluate_bound, evaluate_iwae
 from elbox.objectives.base import ELBOModel
-from elbox.viz import image_grid, pairs_grid, save_png, scatter_plot
+from elbox.viz import image_grid, pairs_grid, scatter_plot
 
 
 def load(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> ELBOModel:
@@ -148,21 +148,52 @@ def _data_mode(model: ELBOModel, cfg: SampleConfig, generator: torch.Generator) 
     return model.interpolate(x[:rows], x[rows : 2 * rows], INTERPOLATION_STEPS).flatten(0, 1).cpu()
 
 
-def sample_png_path(out: str | Path | None, run_dir: Path, name: str) -> Path:
-    """Where samples go: ``out`` if it names a .png file (a grid) or a .npz file (the samples themselves);
-    ``out/name`` if it is a folder (one that exists, or a name ending in "/" or without a suffix, made when
-    written); else ``run_dir/name``. Never over a file."""
+def sample_png_path(out: str | Path | None, run_dir: Path, name: str, mode: str = "prior") -> Path:
+    """Where samples go: ``out`` if it names a .png file (a grid) or, for prior samples, a .npz file (the samples
+    themselves); ``out/name`` if it is a folder (one that exists, or a name ending in "/" or without a suffix,
+    made when written); else ``run_dir/name``. Never over a file; checked before any work: a folder that cannot
+    be written is said now, not after hours of sampling."""
     if out is None:
-        return _unused_path(run_dir / name)
-    path = Path(out)
-    if str(out).endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
-        if path.exists() and not path.is_dir():
-            raise UserError(f"--out {out} is a file, not a folder or a .png; give a name ending in .png, or a folder")
-        return _unused_path(path / name)
-    if path.suffix.lower() not in (".png", ".npz"):
-        raise UserError(f"--out {out}: elbox sample writes a PNG grid or an .npz of the samples; give a name ending "
-                        f"in .png or .npz, or a folder")
+        path = run_dir / name
+    else:
+        path = Path(out)
+        if str(out).endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
+            if path.exists() and not path.is_dir():
+                raise UserError(f"--out {out} is a file, not a folder, a .png or an .npz; give a name ending in .png "
+                                f"or .npz, or a folder")
+            path = path / name
+        elif path.suffix.lower() not in (".png", ".npz"):
+            raise UserError(f"--out {out}: elbox sample writes a PNG grid or an .npz of the samples; give a name "
+                            f"ending in .png or .npz, or a folder")
+        elif path.suffix.lower() == ".npz" and mode != "prior":
+            raise UserError(f"--out {out}: an .npz holds prior samples (for FID and the like); --mode {mode} draws a "
+                            f"picture of data and its {mode}: write it as a .png")
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # the one that will hold it
+    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+        raise UserError(f"cannot write {path}: {folder} is not a folder this user can write in; choose --out")
     return _unused_path(path)
+
+
+def _publish(write, path: Path) -> Path:
+    """``write(tmp)`` to a temporary file of this process beside ``path``, then link it in under ``path`` or, if
+    that name was taken meanwhile (another elbox writing the same name), the next free one: never over a file,
+    and a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        while True:
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                path = _unused_path(path)
+            except OSError:  # a file system without hard links: a rename, to a name free when looked at
+                path = _unused_path(path)
+                os.replace(tmp, path)
+                return path
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def sample_file_name(model: ELBOModel, cfg: SampleConfig, checkpoint: str | None = None) -> str:
@@ -170,7 +201,7 @@ def sample_file_name(model: ELBOModel, cfg: SampleConfig, checkpoint: str | None
     (ancestral, EMA weights, a run folder rather than one of its checkpoints) add nothing."""
     options = sampler_options(model, cfg)
     parts = [cfg.mode]
-    if options.get("sampler") == "ddim":
+    if options.get("sampler") == "ddim" and cfg.mode == "prior":  # the other modes do not sample a chain
         parts.append(f"ddim{options['steps'] or ''}" + (f"-eta{options['eta']:g}" if options["eta"] else ""))
     if not cfg.ema:
         parts.append("noema")
@@ -187,27 +218,22 @@ def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: str | 
     checkpoint = ckpt.resolve_checkpoint(run)
     run_dir = checkpoint.parent.parent
     named = checkpoint.name if Path(run).resolve() == checkpoint.resolve() else None  # a checkpoint named, not a run
-    path = sample_png_path(out, run_dir, sample_file_name(model, cfg, named))  # before the work of drawing
+    path = sample_png_path(out, run_dir, sample_file_name(model, cfg, named), cfg.mode)  # before drawing
     x = draw(model, cfg, progress)
     if path.suffix.lower() == ".npz":
-        return _save_npz(from_model(x, model.data_range).permute(0, 2, 3, 1) if model.draws_images else x, path)
+        import numpy as np
+
+        array = (from_model(x, model.data_range).permute(0, 2, 3, 1) if model.draws_images else x).contiguous()
+        return _publish(lambda tmp: np.savez(tmp, arr_0=array.numpy()), path)
     if model.draws_images:
         images = from_model(x, model.data_range)
         if cfg.mode == "reconstruct":
-            return save_png(pairs_grid(images), path)
-        return save_png(image_grid(images, nrow=INTERPOLATION_STEPS if cfg.mode == "interpolate" else None), path)
-    return save_png(scatter_plot(x.numpy()), path)
-
-
-def _save_npz(samples: torch.Tensor, path: Path) -> Path:
-    """``samples`` as ``arr_0`` of an .npz, written atomically (a reader never sees half a file)."""
-    import numpy as np
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, arr_0=samples.contiguous().numpy())
-    tmp.replace(path)
-    return path
+            picture = pairs_grid(images)
+        else:
+            picture = image_grid(images, nrow=INTERPOLATION_STEPS if cfg.mode == "interpolate" else None)
+    else:
+        picture = scatter_plot(x.numpy())
+    return _publish(lambda tmp: picture.save(tmp, format="PNG"), path)
 
 
 def evaluate_quality(model: ELBOModel, cfg: EvaluateConfig, progress: bool = False):

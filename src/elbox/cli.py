@@ -269,7 +269,8 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--out", help="the PNG grid to write (FILE.png), the samples themselves as FILE.npz (uint8 "
                    "N x H x W x C in arr_0), or a folder to write a grid in (default: "
-                   "RUN/samples-<mode>[-ddim<STEPS>][-noema]-seed<SEED>.png); never overwrites")
+                   "RUN/samples-<mode>[-ddim<STEPS>[-eta<ETA>]][-noema][-step-<N>]-seed<SEED>.png); "
+                   "never overwrites")
     add_dataclass_flags(p, SampleConfig, "sample", "sampling")
     ns = p.parse_args(argv)
     cfg = build_dataclass(SampleConfig, given(ns, "sample"), "sample")

@@ -108,8 +108,8 @@ def evaluate_iwae(model: ELBOModel, data: DataConfig, *, k: int, examples: int =
         from tqdm.auto import tqdm
 
         passes = model.iwae_passes
-        bar = tqdm(total=n * k, unit="sample", unit_scale=True, dynamic_ncols=True,
-                   desc=f"IWAE K={k} on {n} images ({passes:,} network pass{'es' if passes > 1 else ''} a sample)")
+        bar = tqdm(total=n * k, unit="sample", unit_scale=n * k >= 100_000, dynamic_ncols=True,
+                   desc=f"IWAE K={k} on {n} examples ({passes:,} network pass{'es' if passes > 1 else ''} a sample)")
     parts = []
     for i in range(0, n, batch_size):
         xb = x_all[i : i + batch_size].to(device)
