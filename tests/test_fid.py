@@ -187,6 +187,18 @@ def test_fid_during_training_is_logged_recorded_plotted_and_leaves_training_alon
     assert width / height > 4  # four panels side by side (three: ~3.5)
 
 
+@needs_weights
+def test_elbox_evaluate_fid_shows_its_sampling_and_its_features(tmp_path, elbox_cli):
+    """The bars of `elbox evaluate --metric fid`: the sampling chain, step by step, then the Inception passes."""
+    run = tmp_path / "run"
+    assert elbox_cli("train", "--out", run, "--net", "micro", "--timesteps", "10", "--batch-size", "8", "--steps",
+                     "2", "--num-samples", "4", "--final-eval-examples", "0", "--quiet").returncode == 0
+    done = elbox_cli("evaluate", run, "--metric", "fid", "--num", "6", "--batch-size", "4")
+    assert done.returncode == 0, done.stderr
+    assert "ancestral sampling: 6 samples, 10 steps x 2 batches" in done.stderr and "20/20" in done.stderr
+    assert "Inception features of the 6 samples" in done.stderr
+
+
 def test_fid_during_training_is_refused_up_front_without_weights_or_for_vectors(tmp_path, capsys, monkeypatch):
     from elbox.cli import main
     from elbox.metrics import fid

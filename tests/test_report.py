@@ -68,8 +68,16 @@ def test_the_headline_is_the_fullest_measurement_of_the_latest_checkpoint(runs, 
     assert Run(folder).headline("fid/kid") is None
 
 
-def test_sample_grids_are_listed_in_natural_order():
+def test_sample_grids_are_listed_in_natural_order(runs, tmp_path):
     from elbox.report import _natural_order
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    for name in ("samples-prior-seed10.png", "samples-prior-seed0-1.png", "samples-prior-seed0.png"):
+        shutil.copy(run / "samples.png", run / name)
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    captions = re.findall(r"<figcaption>(samples-[^<]+)</figcaption>", (tmp_path / "r.html").read_text())
+    assert captions == ["samples-prior-seed0.png", "samples-prior-seed0-1.png", "samples-prior-seed10.png"]
 
     names = ["samples-prior-seed10.png", "samples-prior-seed0-1.png", "samples-prior-seed2.png",
              "samples-prior-seed0.png", "samples-prior-ddim50-seed0.png"]
