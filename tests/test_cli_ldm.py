@@ -77,10 +77,10 @@ def test_config_toml_states_the_measured_scale_and_repeats_the_run_from_anywhere
     assert config2.vae == str((tmp_path / "vae2").resolve()) and config2.latent_scale != config.latent_scale
     assert config2.latent_scale == float(elbox.load(tmp_path / "other").latent_scale)
     # a resume takes its VAE's path however it is written (relative, a trailing slash)
-    for vae in ("vae", "vae/"):
-        more = elbox_cli("train", "ldm", "--resume", "ldm", "--vae", vae, "--steps", "5", "--quiet", cwd=tmp_path)
+    for steps, vae in ((5, "vae"), (6, "vae/")):
+        more = elbox_cli("train", "ldm", "--resume", "ldm", "--vae", vae, "--steps", steps, "--quiet", cwd=tmp_path)
         assert more.returncode == 0, more.stderr
-    moved = elbox_cli("train", "ldm", "--resume", "ldm", "--vae", "vae2", "--steps", "6", cwd=tmp_path)
+    moved = elbox_cli("train", "ldm", "--resume", "ldm", "--vae", "vae2", "--steps", "7", cwd=tmp_path)
     assert moved.returncode == 2 and "holds a different model" in moved.stderr
 
 

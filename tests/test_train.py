@@ -91,15 +91,22 @@ def test_samples_and_heldout_eval_leave_the_training_rng_alone(tmp_path):
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_resume_with_no_checkpoint_yet_starts_over_and_a_finished_run_is_not_rewritten(tmp_path):
+def test_resume_with_no_checkpoint_yet_starts_over_and_a_finished_run_is_not_rewritten(tmp_path, capsys):
     run = tmp_path / "r"
     run_train("--out", run, *TINY, "--steps", "3", "--final-eval-examples", "0", "--log-every", "1")
     shutil.rmtree(run / "checkpoints")  # as if killed before its first checkpoint
     run_train("--resume", run, "--steps", "3")
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]  # the lines of the lost steps were dropped, not doubled
-    before = (run / "checkpoints" / "step-0000003" / "model.safetensors").stat().st_mtime_ns
-    run_train("--resume", run, "--steps", "3")  # nothing left to do: the checkpoint of step 3 is kept as it is
-    assert (run / "checkpoints" / "step-0000003" / "model.safetensors").stat().st_mtime_ns == before
+    files = sorted(p for p in run.rglob("*") if p.is_file())
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    capsys.readouterr()
+    for steps in ("3", "2"):  # nothing left to do: one line, and the run as it was (config.toml kept at 3 steps)
+        assert main(["train", "--resume", str(run), "--steps", steps]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"elbox: error: {run} has trained 3 steps already; --steps {steps} leaves nothing to do: "
+                       f"give --steps above 3 to train on")
+        assert sorted(p for p in run.rglob("*") if p.is_file()) == files
+        assert all((p.stat().st_mtime_ns, p.read_bytes()) == before[p] for p in files)
 
 
 # ------------------------------------------------------------------------------- splitting a batch changes nothing
