@@ -275,6 +275,8 @@ def test_sample_defaults_progress_and_messages():
         assert seen == [(k, calls) for k in range(1, calls + 1)], sampler
     with pytest.raises(UserError, match="ancestral sampling runs all T=6 steps; use --sampler ddim for steps=3"):
         model.sample(2, sampler="ancestral", steps=3)
+    with pytest.raises(UserError, match="eta=0.5 is DDIM's .*ancestral sampling has none: use --sampler ddim"):
+        model.sample(2, sampler="ancestral", eta=0.5)  # not silently ignored
     with pytest.raises(UserError, match="unknown sampler 'euler'; choose ancestral or ddim"):
         model.sample(2, sampler="euler")
 

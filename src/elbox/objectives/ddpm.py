@@ -278,6 +278,9 @@ class DDPM(ELBOModel):
                 if steps not in (None, self.diffusion.num_timesteps):
                     raise UserError(f"ancestral sampling runs all T={self.diffusion.num_timesteps} steps; "
                                     f"use --sampler ddim for steps={steps}")
+                if eta != 0:
+                    raise UserError(f"eta={eta} is DDIM's (Song et al. eq. 16); ancestral sampling has none: use "
+                                    f"--sampler ddim with --eta")
                 return ancestral_sample(self.diffusion, self.net, shape, generator=generator, device=device,
                                         dtype=dtype, clip_denoised=self.clip_denoised, progress=progress)
             if sampler == "ddim":
