@@ -90,5 +90,5 @@ def test_latent_diffusion_needs_a_vae_run(tmp_path, elbox_cli):
     ddpm = tmp_path / "ddpm"
     assert elbox_cli("train", "--out", ddpm, "--net", "micro", "--timesteps", "5", *QUICK).returncode == 0
     r = elbox_cli("train", "ldm", "--vae", ddpm, "--out", tmp_path / "y", *QUICK)
-    assert r.returncode == 2 and "is a ddpm run" in r.stderr, r.stderr
+    assert r.returncode == 2 and "is a run of a DDPM, not a VAE" in r.stderr, r.stderr
     assert not (tmp_path / "y").exists()  # nothing in the way of the corrected command

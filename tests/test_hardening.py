@@ -145,6 +145,23 @@ def test_a_sample_grid_is_named_for_what_drew_it(tiny_run, tmp_path, capsys):
         f"samples-prior-ddim3-{checkpoints[0].name}-seed0.png"])
 
 
+def test_mistaken_paths_get_the_message_about_the_mistake(tiny_run, tmp_path, capsys):
+    """A run folder where a config file is meant, RUN/checkpoints where a run is meant, a mistyped run beside an
+    existing report, a resume naming another model: each message is about what was mistaken (found by a
+    newcomer's run)."""
+    assert main(["train", "--config", str(tiny_run), "--out", str(tmp_path / "x")]) == 2
+    assert one_line(capsys) == (f"elbox: error: config file {tiny_run} is a folder, not a TOML file; did you mean "
+                                f"{tiny_run / 'config.toml'}?")
+    assert main(["sample", str(tiny_run / "checkpoints"), "--num", "2", "--out", str(tmp_path / "c.png")]) == 0
+    capsys.readouterr()
+    (tmp_path / "report.html").write_text("mine")
+    assert main(["report", str(tmp_path / "nosuchrun"), "--out", str(tmp_path / "report.html")]) == 2
+    err = one_line(capsys)
+    assert "nosuchrun" in err and "report.html" not in err
+    assert main(["train", "vae", "--resume", str(tiny_run)]) == 2
+    assert one_line(capsys) == f"elbox: error: {tiny_run} is a run of a DDPM, not a VAE"
+
+
 def test_sample_out_is_a_png_file_or_a_folder_and_nothing_else(tiny_run, tmp_path, capsys):
     def sample(out):
         return main(["sample", str(tiny_run), "--num", "4", "--out", out])

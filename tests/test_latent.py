@@ -323,7 +323,7 @@ def test_resolve_config_stores_the_vaes_description_and_refuses_what_is_not_a_va
     assert LDM.resolve_config(resolved, "8bit") is resolved  # already resolved (a resume, a load): kept as it is
     with pytest.raises(UserError, match="latent diffusion needs a trained VAE: `elbox train ldm --vae"):
         LDM.resolve_config(LDMConfig(), "8bit")
-    with pytest.raises(UserError, match=r"is a ddpm run; latent diffusion needs a VAE run"):
+    with pytest.raises(UserError, match=r"is a run of a DDPM, not a VAE; latent diffusion needs a VAE run"):
         LDM.resolve_config(LDMConfig(vae=str(vae_run / "ddpm")), "8bit")
 
 

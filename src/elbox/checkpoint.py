@@ -362,6 +362,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise UserError(f"{path} does not exist; give a run folder written by `elbox train --out` or one of its checkpoints")
     latest = latest_checkpoint(path, verify=False)
+    if latest is None and path.name == "checkpoints":  # RUN/checkpoints: its run's latest
+        latest = latest_checkpoint(path.parent, verify=False)
     if latest is None:
         raise UserError(f"{path} holds no checkpoint (expected {path}/checkpoints/step-NNNNNNN/{MANIFEST})")
     return latest

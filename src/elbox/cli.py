@@ -27,7 +27,7 @@ from elbox.config import (
     load_run_config,
     run_config_from_dict,
 )
-from elbox.errors import UserError
+from elbox.errors import UserError, a_model
 from elbox.typecheck import field_types, unwrap_optional
 
 PROG = "elbox"
@@ -193,15 +193,17 @@ def train_config_from_args(argv: list[str]) -> tuple[RunConfig, Path, bool]:
         if base is None:
             raise UserError(f"cannot resume {ns.resume}: it holds no config.toml (is it a folder written by `elbox train --out`?)")
         if named and model != base.model:
-            raise UserError(f"{ns.resume} is a {base.model} run, not {model}")
+            raise UserError(f"{ns.resume} is a run of {a_model(base.model)}, not {a_model(model)}")
         out = ns.resume
     else:
         base = load_run_config(ns.config) if ns.config else run_config_from_dict({"model": model})
         if ns.config and named and base.model != model:
-            raise UserError(f"{ns.config} configures a {base.model}, but the command line asks for {model}")
+            raise UserError(f"{ns.config} configures {a_model(base.model)}, but the command line asks for "
+                            f"{a_model(model)}")
         out = ns.out or Path("runs") / f"{base.model}-{base.data.data.replace(':', '-').replace('/', '-')}"
     if base.model != model and (given(ns, "model")):
-        raise UserError(f"flags for {model} given, but the run is a {base.model}; use `elbox train {base.model} ...`")
+        raise UserError(f"flags for {a_model(model)} given, but the run is {a_model(base.model)}; use "
+                        f"`elbox train {base.model} ...`")
     model_config = _override(base.model_config, _vae_flags(given(ns, "model"), ns.resume), base.model)
     data = base.data
     if base.model == "ldm" and ns.resume is None and not ns.config and "data" not in given(ns, "data"):

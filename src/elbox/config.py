@@ -157,6 +157,9 @@ def run_config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        hint = f"; did you mean {path / 'config.toml'}?" if (path / "config.toml").is_file() else ""
+        raise UserError(f"config file {path} is a folder, not a TOML file{hint}")
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:

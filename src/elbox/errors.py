@@ -13,6 +13,11 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+def a_model(kind: str) -> str:
+    """A model's kind with its article, as a sentence says it: "a DDPM", "a VAE", "an LDM"."""
+    return {"ddpm": "a DDPM", "vae": "a VAE", "ldm": "an LDM"}.get(kind, f"a {kind}")
+
+
 def check(condition: bool, message: str) -> None:
     """Raise UserError(message) unless condition holds."""
     if not condition:

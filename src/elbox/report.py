@@ -187,9 +187,9 @@ def write_report(runs: list[Path], out: Path) -> Path:
     """The HTML page for ``runs``, written to ``out`` (a new file: an existing one is never overwritten)."""
     if not runs:
         raise UserError("elbox report needs at least one run folder")
+    loaded = [Run(r) for r in runs]  # each run checked first: a mistyped run is the error to see
     if out.exists():
         raise UserError(f"{out} exists; choose another --out (elbox never overwrites a file)")
-    loaded = [Run(r) for r in runs]
     body = [f"<h1>elbox report</h1><p class=sub>{len(loaded)} run(s): " + ", ".join(html.escape(r.name) for r in loaded)
             + ". Every number is a negative ELBO or likelihood estimate in the units shown, with its standard error over "
             "held-out examples and the N it is over.</p>"]

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from elbox import draws
-from elbox.errors import UserError
+from elbox.errors import UserError, a_model
 from elbox.objectives.base import ELBOModel
 from elbox.objectives.ddpm import DDPM, DataKind, DDPMConfig, Sampler
 from elbox.objectives.gaussian import LOG_2PI, gaussian_log_prob
@@ -108,7 +108,8 @@ class LDM(ELBOModel):
 
         desc = ckpt.load_checkpoint(config.vae, with_training_state=False).description
         if desc["kind"] != "vae":
-            raise UserError(f"--vae {config.vae} is a {desc['kind']} run; latent diffusion needs a VAE run")
+            raise UserError(f"--vae {config.vae} is a run of {a_model(desc['kind'])}, not a VAE; latent diffusion "
+                            f"needs a VAE run")
         vae_config = json.dumps({"config": desc["config"], "data_shape": desc["data_shape"]})
         # the VAE's folder as an absolute path: config.toml then repeats the run from any working directory
         return dataclasses.replace(config, vae_config=vae_config, vae=str(Path(config.vae).resolve()))

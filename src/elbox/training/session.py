@@ -22,7 +22,7 @@ from elbox import checkpoint as ckpt
 from elbox.config import MODELS, RunConfig, TrainConfig
 from elbox.data import InMemoryLoader, to_model
 from elbox.data.dataset import Dataset, derive_seed
-from elbox.errors import UserError
+from elbox.errors import UserError, a_model
 from elbox.objectives.base import ELBOModel
 from elbox.training.distributed import DistInfo, from_main, gather
 from elbox.training.ema import EMA
@@ -264,7 +264,7 @@ def _restore(state: ckpt.Checkpoint, run: Run) -> int:  # pragma: no mutate bloc
     changed = [k for k in now if saved.get(k, default[k]) != now[k]]
     if state.description["kind"] != cfg.model or changed:
         what = (f"{changed[0]}={saved.get(changed[0])!r}, now {now[changed[0]]!r}" if changed
-                else f"a {state.description['kind']}")
+                else a_model(state.description["kind"]))
         raise UserError(f"{state.path} holds a different model ({what}); a resume continues the same model: leave "
                         f"its settings as they were, or train a new run with --out")
     ranks = state.manifest["loader"]
