@@ -66,6 +66,10 @@ def test_the_headline_is_the_fullest_measurement_of_the_latest_checkpoint(runs, 
         f.write(json.dumps(quick) + "\n" + json.dumps(older) + "\n")
     assert Run(folder).headline("bpd") == full
     assert Run(folder).headline("fid/kid") is None
+    # "Where the bits go" draws the same measurement, and says over how many examples
+    assert main(["report", str(folder), "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert f"term by term, on {full['examples']} held-out examples ({full['checkpoint']})" in page
 
 
 def test_sample_grids_are_listed_in_natural_order(runs, tmp_path):

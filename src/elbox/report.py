@@ -85,8 +85,13 @@ class Run:
         """The evaluation the summary shows: of the latest checkpoint measured, the one over the most examples
         (then the most importance samples, then the newest); a quick check on a few examples does not replace
         the full measurement in the headline (every evaluation is still listed)."""
+        return self.fullest(lambda e: e.get("metric") == metric)
+
+    def fullest(self, wanted) -> dict[str, Any] | None:
+        """Of the evaluations ``wanted`` takes, the headline's choice: latest checkpoint, most examples, largest K,
+        newest."""
         found = [(e.get("step", -1), e.get("examples", 0), e.get("k") or 0, i, e)
-                 for i, e in enumerate(self.evaluations) if e.get("metric") == metric]
+                 for i, e in enumerate(self.evaluations) if wanted(e)]
         return max(found, key=lambda f: f[:4])[4] if found else None
 
     @property
@@ -162,10 +167,13 @@ def _run_section(run: Run) -> str:
     if run.kind == "vae" and run.metrics and "kl" in run.metrics[-1]:
         parts.append("<h3>Rate and distortion</h3>" + _img(plots.rate_distortion(run.metrics, run.name),
                                                            "rate and distortion"))
-    steps = next((e for e in reversed(run.evaluations) if e.get("per_step")), None)
+    steps = run.fullest(lambda e: bool(e.get("per_step")))  # the same choice as the headline's, N said
     if steps:
-        parts.append("<h3>Where the bits go</h3>" + _img(
-            plots.per_step_terms(steps["per_step_labels"], steps["per_step"], steps["dims"], run.name),
+        title = f"{run.name}: {steps.get('examples', '?')} held-out examples, {steps.get('checkpoint', '')}"
+        parts.append(f"<h3>Where the bits go</h3><p class=note>The full bound, term by term, on "
+                     f"{steps.get('examples', '?')} held-out examples ({html.escape(str(steps.get('checkpoint', '')))})"
+                     f".</p>" + _img(
+            plots.per_step_terms(steps["per_step_labels"], steps["per_step"], steps["dims"], title),
             "per-timestep terms"))
     grids = [(name, run.folder / name) for name in ("samples.png", "reconstructions.png")]
     grids += [(p.name, p) for p in sorted(run.folder.glob("samples-*.png"), key=_natural_order)]
