@@ -14,6 +14,7 @@ def test_vae_train_sample_evaluate(tmp_path, elbox_cli, capsys):
     run = tmp_path / "vae"
     r = elbox_cli("train", *TINY_VAE, "--out", run)
     assert r.returncode == 0, r.stderr
+    assert "bits/dim of binarized data (not comparable with 8-bit bits/dim)" in r.stdout  # a Bernoulli VAE's data
     for name in ("samples.png", "reconstructions.png", "samples/step-0000004.png",
                  "samples/step-0000004-reconstructions.png", "checkpoints/step-0000008/manifest.json"):
         assert (run / name).is_file(), name

@@ -96,7 +96,9 @@ class Run:
 
     @property
     def data(self) -> str:
-        return self.description.get("data", {}).get("data", "?")
+        """The data set, marked when the model saw it binarized (its bits/dim are of two-valued pixels)."""
+        name = self.description.get("data", {}).get("data", "?")
+        return name + (" (binarized)" if self.description.get("data_range") == "binary" else "")
 
     @property
     def terms(self) -> list[str]:
@@ -207,7 +209,7 @@ def write_report(runs: list[Path], out: Path) -> Path:
         body.append(_img(plots.compare_runs(curves, "bits/dim (training batches)", "negative ELBO during training"),
                          "runs compared"))
         body.append("<p class=note>Bits/dim are comparable across models when each bounds the same discrete data "
-                    "(8-bit or binary pixels); a density's bits/dim are marked.</p>")
+                    "(8-bit or binary pixels); binarized data and a density's bits/dim are marked.</p>")
     body += [_run_section(r) for r in loaded]
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>elbox report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")

@@ -33,11 +33,15 @@ class Evaluation:
     per_step_labels: list[str] | None = None  # what each entry of per_step is ("L_0", ..., "L_T"; "prior/L_0", ...)
     k: int | None = None
     discrete: bool = True  # a bound on a discrete probability; False: on a density of continuous values
+    binarized: bool = False  # the data were binarized (a VAE's Bernoulli decoder): two values a pixel, not 256
 
     @property
     def bpd_label(self) -> str:
-        """How to name ``bpd``: bits/dim of a density (continuous data) are not comparable with discrete ones."""
-        return "bits/dim" if self.discrete else "bits/dim of a density (continuous data; not comparable with 8-bit bits/dim)"
+        """How to name ``bpd``: bits/dim of a density (continuous data), or of binarized pixels, are not
+        comparable with those of 8-bit data."""
+        if not self.discrete:
+            return "bits/dim of a density (continuous data; not comparable with 8-bit bits/dim)"
+        return "bits/dim of binarized data (not comparable with 8-bit bits/dim)" if self.binarized else "bits/dim"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,7 +90,7 @@ def evaluate_bound(model: ELBOModel, data: DataConfig, *, examples: int = 0, bat
     return Evaluation(metric="bpd", examples=terms.batch_size, dims=terms.dims, nats=nats, nats_stderr=nats_se,
                       bpd=bits_per_dim(nats, terms.dims), bpd_stderr=bits_per_dim(nats_se, terms.dims),
                       terms={k: float(v.double().mean()) for k, v in terms.totals().items()}, per_step=per_step,
-                      per_step_labels=labels, discrete=model.discrete)
+                      per_step_labels=labels, discrete=model.discrete, binarized=model.data_range == "binary")
 
 
 @torch.no_grad()
@@ -122,4 +126,4 @@ def evaluate_iwae(model: ELBOModel, data: DataConfig, *, k: int, examples: int =
     dims = model.dims
     return Evaluation(metric="nll", examples=log_px.numel(), dims=dims, nats=nats, nats_stderr=nats_se,
                       bpd=bits_per_dim(nats, dims), bpd_stderr=bits_per_dim(nats_se, dims), k=k,
-                      discrete=model.discrete)
+                      discrete=model.discrete, binarized=model.data_range == "binary")
