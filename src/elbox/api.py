@@ -133,11 +133,13 @@ INTERPOLATION_STEPS = 8
 def _data_mode(model: ELBOModel, cfg: SampleConfig, generator: torch.Generator) -> torch.Tensor:
     """The modes of a model with an encoder: a latent grid, reconstructions and interpolations of held-out data."""
     device = next(model.parameters()).device
-    if cfg.mode == "manifold":
-        return model.manifold(int(round(cfg.num**0.5))).cpu()
     data = model.data_config
     ds = data.load("test")
     idx = torch.randperm(len(ds.data), generator=generator)
+    if cfg.mode == "manifold":  # the two most active latent dimensions (a wide latent leaves many unused)
+        x = to_model(ds.data[idx[:1000]], model.data_range, generator=generator).to(device)
+        dims = tuple(sorted(int(d) for d in model.activity(x).topk(min(2, model.latent_dim)).indices))
+        return model.manifold(int(round(cfg.num**0.5)), dims=dims if len(dims) == 2 else (0, 1)).cpu()
     if cfg.mode == "reconstruct":
         x = to_model(ds.data[idx[: max(1, cfg.num // 2)]], model.data_range, generator=generator).to(device)
         rec = model.reconstruct(x)

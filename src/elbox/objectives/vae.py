@@ -412,8 +412,15 @@ class VAE(ELBOModel):
             out = self.decode(z.flatten(0, 1)).view(x1.shape[0], steps, *self.data_shape)
             return out[0] if single else out
 
-    def manifold(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """decode(z) over an n x n grid of the first two latent dimensions, the others 0: (n * n, *data_shape).
+    def activity(self, x: Tensor) -> Tensor:
+        """How much each latent dimension is used: the variance over the examples x of its posterior mean,
+        Cov_x(E_q(z|x)[z_u]) (Burda et al. 2016, section 5.2: a unit is active above 0.01), flattened: (latent_dim,)."""
+        with torch.no_grad():
+            return self.encode(x)[0].flatten(1).double().var(0, correction=0)
+
+    def manifold(self, n: int, *, generator: torch.Generator | None = None, dims: tuple[int, int] = (0, 1)) -> Tensor:
+        """decode(z) over an n x n grid of two latent dimensions (``dims``: the first two unless told), the others 0:
+        (n * n, *data_shape). ``elbox sample --mode manifold`` takes the two most active (``activity``).
 
         As in Kingma & Welling (2014), figure 4: linearly spaced points of the unit square, (i + 1/2) / n, mapped
         through the inverse CDF of N(0, 1), so the grid covers the prior evenly in probability. A 1-D latent space
@@ -429,6 +436,9 @@ class VAE(ELBOModel):
                 return self.decode(z, generator=generator)
             u = (torch.arange(n, dtype=p.dtype, device=p.device) + 0.5) / n
             rows, cols = torch.meshgrid(torch.special.ndtri(u), torch.special.ndtri(u), indexing="ij")
+            if len(dims) != 2 or dims[0] == dims[1] or not all(0 <= d < self.latent_dim for d in dims):
+                raise UserError(f"manifold dims={tuple(dims)}: give two different latent dimensions of 0 .. "
+                                f"{self.latent_dim - 1}")
             z = torch.zeros((n * n, self.latent_dim), dtype=p.dtype, device=p.device)
-            z[:, 0], z[:, 1] = cols.flatten(), -rows.flatten()  # first dimension left to right, second bottom to top
+            z[:, dims[0]], z[:, dims[1]] = cols.flatten(), -rows.flatten()  # the first left to right, the second up
             return self.decode(z.view(n * n, *self.latent_shape), generator=generator)
