@@ -26,6 +26,8 @@ _EXPORTS = {
     "Terms": "elbox.objectives.terms",
     "bits_per_dim": "elbox.objectives.terms",
     "load_dataset": "elbox.data",
+    "to_model": "elbox.data",  # uint8 images -> a model's data range
+    "from_model": "elbox.data",  # and back
     "UserError": "elbox.errors",
 }
 

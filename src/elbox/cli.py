@@ -286,7 +286,8 @@ def cmd_evaluate(argv: list[str]) -> int:
     from elbox.api import evaluate, load
 
     p = OneLineParser(prog=f"{PROG} evaluate", description="Measure a trained run on held-out data: the negative "
-                      "ELBO in bits/dim (every DDPM timestep computed) or, for a VAE, the IWAE estimate of -log p(x).")
+                      "ELBO in bits/dim (every DDPM timestep computed), the importance-weighted estimate of -log p(x) "
+                      "(--metric nll), or FID and KID of samples (--metric fid).")
     p.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line only")
     add_dataclass_flags(p, EvaluateConfig, "evaluate", "evaluation")
