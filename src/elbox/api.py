@@ -90,9 +90,9 @@ class _ChainBar:
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            from tqdm.auto import tqdm
+            from elbox.progress import progress_bar
 
-            self.bar = tqdm(total=total * self.batches, unit="step", dynamic_ncols=True,
+            self.bar = progress_bar(total=total * self.batches, unit="step", dynamic_ncols=True,
                             desc=f"{self.desc}: {self.num} samples, {total} steps x {self.batches} "
                                  f"batch{'es' if self.batches > 1 else ''}")
         self.bar.update(1)

@@ -103,9 +103,9 @@ class InceptionFeatures:
         out = []
         batches = range(0, len(images), batch_size)
         if progress:
-            from tqdm.auto import tqdm
+            from elbox.progress import progress_bar
 
-            batches = tqdm(batches, desc=desc, unit="batch")
+            batches = progress_bar(batches, desc=desc, unit="batch")
         with torch.no_grad(), torch.jit.optimized_execution(False):
             for i in batches:
                 out.append(self.network(preprocess(images[i : i + batch_size]).to(self.device)).double().cpu())

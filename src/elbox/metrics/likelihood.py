@@ -77,9 +77,9 @@ def evaluate_bound(model: ELBOModel, data: DataConfig, *, examples: int = 0, bat
     parts = []
     batches = range(0, x_all.shape[0], batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from elbox.progress import progress_bar
 
-        batches = tqdm(batches, desc="evaluate", unit="batch")
+        batches = progress_bar(batches, desc="evaluate", unit="batch")
     for i in batches:
         x = x_all[i : i + batch_size].to(device)
         parts.append(model.bound(x, generator=generator))
@@ -109,10 +109,10 @@ def evaluate_iwae(model: ELBOModel, data: DataConfig, *, k: int, examples: int =
     n = x_all.shape[0]
     bar = None
     if progress:  # counted in importance samples, chunk by chunk, so the ETA shows within the first batch
-        from tqdm.auto import tqdm
+        from elbox.progress import progress_bar
 
         passes = model.iwae_passes
-        bar = tqdm(total=n * k, unit="sample", unit_scale=n * k >= 100_000, dynamic_ncols=True,
+        bar = progress_bar(total=n * k, unit="sample", unit_scale=n * k >= 100_000, dynamic_ncols=True,
                    desc=f"IWAE K={k} on {n} examples ({passes:,} network pass{'es' if passes > 1 else ''} a sample)")
     parts = []
     for i in range(0, n, batch_size):

@@ -146,9 +146,9 @@ def progress_bar(t: TrainConfig, initial: int):
     """tqdm's bar: steps done, rate and ETA; the loop adds loss and images/s. None in quiet mode."""
     if t.quiet:
         return None
-    from tqdm.auto import tqdm
+    from elbox import progress
 
-    return tqdm(total=t.steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    return progress.progress_bar(total=t.steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
 def write_samples(model: ELBOModel, path: Path, t: TrainConfig) -> Path:
