@@ -37,6 +37,7 @@ def test_the_report_is_one_self_contained_page(runs, tmp_path):
     assert page.count("<img") >= 8 and "Side by side" in page and "Where the bits go" in page
     assert "Rate and distortion" in page and "Samples over training" in page
     assert "<td>digits (binarized)</td>" in page and "<td>digits</td>" in page  # the VAE saw two-valued pixels
+    assert page.count("The training line is the bound estimated on each logged training batch") == 2  # per run
     evaluations = [json.loads(line) for line in (runs[1] / "evaluations.jsonl").read_text().splitlines()]
     assert [e["metric"] for e in evaluations] == ["bpd", "nll"]  # the training's bound, then `elbox evaluate`
     assert main(["report", str(runs[0]), "--out", str(out)]) == 2  # never overwritten

@@ -147,6 +147,13 @@ def _table(rows: list[list[str]], head: list[str]) -> str:
     return "\n".join(out) + "</table>"
 
 
+#: what the training curves' bound is, and why it need not meet the held-out one
+TRAINING_NOTE = ("The training line is the bound estimated on each logged training batch with one draw per example "
+                 "(a diffusion model: one random timestep, scaled by T; as it trains, without clipping its "
+                 "prediction of x<sub>0</sub>): unbiased but noisy, and a point can even fall below zero. The "
+                 "held-out point is the full bound, every term computed, as the table above.")
+
+
 def _run_section(run: Run) -> str:
     parts = [f"<h2>{html.escape(run.name)} <span class=sub>— {run.kind}, {html.escape(run.data)}</span></h2>",
              _table([_bound_row(run)], HEAD)]
@@ -165,7 +172,8 @@ def _run_section(run: Run) -> str:
         parts.append("<h3>Every evaluation recorded</h3>" + _table(rows, ["when", "metric", "value", "on", "checkpoint"]))
     if run.metrics:
         parts.append("<h3>Training</h3>" + _img(plots.training_curves(run.curves, run.terms, run.name),
-                                                "training curves"))
+                                                "training curves")
+                     + "<p class=note>" + TRAINING_NOTE + "</p>")
     if run.kind == "vae" and run.metrics and "kl" in run.metrics[-1]:
         parts.append("<h3>Rate and distortion</h3>" + _img(plots.rate_distortion(run.metrics, run.name),
                                                            "rate and distortion"))
