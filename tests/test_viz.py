@@ -22,3 +22,23 @@ def test_a_reconstruction_grid_is_an_even_number_of_columns_under_a_header(pairs
     for column in range(columns):  # every row starts with a test image, then its reconstruction: black, white, ...
         x = pad + column * (cell + pad) + cell // 2
         assert picture[middle, x, 0] == (0 if column % 2 == 0 else 255), column
+
+
+@pytest.mark.parametrize("lo, hi", [(50, 300), (0.3485, 0.7826), (-3, 7), (4.09, 4.13), (1, 10_000)])
+def test_the_loss_plots_ticks_are_round_numbers_that_cover_the_values(lo, hi):
+    from elbox.viz import nice_ticks
+
+    ticks = nice_ticks(lo, hi)
+    assert ticks[0] <= lo and ticks[-1] >= hi and 3 <= len(ticks) <= 7
+    step = ticks[1] - ticks[0]
+    mantissa = step / 10 ** np.floor(np.log10(step))
+    assert any(abs(mantissa - m) < 1e-6 for m in (1, 2, 5))  # 1, 2 or 5 times a power of ten apart
+    assert ticks[-2] < hi  # no tick past the one that covers the top
+
+
+def test_a_loss_plot_of_one_point_shows_it():
+    from elbox.viz import line_plot
+
+    picture = np.asarray(line_plot({"loss": [(20, 0.5)]}, "training loss"))
+    blue = (picture[..., 2] > 150) & (picture[..., 0] < 80)
+    assert blue[:, :400].sum() >= 20  # the point itself, left of the legend

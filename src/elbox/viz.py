@@ -77,35 +77,57 @@ def scatter_plot(points: np.ndarray, size: int = 512, extent: float | None = Non
     return img
 
 
-def line_plot(series: dict[str, Sequence[tuple[float, float]]], title: str, size: tuple[int, int] = (640, 400)) -> Image.Image:
-    """A simple line chart of named (x, y) series with min/max labels; enough for a loss curve."""
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About ``count`` round values (1, 2 or 5 times a power of ten apart) that cover [lo, hi]."""
+    if not hi > lo:
+        return [lo]
+    raw = (hi - lo) / max(1, count - 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.floor(lo / step) * step
+    return [first + i * step for i in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
+
+
+def line_plot(series: dict[str, Sequence[tuple[float, float]]], title: str, size: tuple[int, int] = (640, 400),
+              xlabel: str = "optimizer step") -> Image.Image:
+    """A line chart of named (x, y) series on round-numbered, gridded axes; enough for a loss curve without
+    matplotlib. A series of one or two points is drawn with markers."""
     w, h = size
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, 20, 30, 40
+    left, right, top, bottom = 64, 20, 30, 44
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
     all_pts = [p for pts in series.values() for p in pts if math.isfinite(p[1])]
     draw.text((left, 8), title, fill="black")
-    if len(all_pts) < 2:
+    if not all_pts:
         draw.text((left, h // 2), "not enough points yet", fill="black")
         return img
     xs, ys = [p[0] for p in all_pts], [p[1] for p in all_pts]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    draw.rectangle([left, top, w - right, h - bottom], outline=(120, 120, 120))
-    draw.text((4, top), f"{y1:.4g}", fill="black")
-    draw.text((4, h - bottom - 10), f"{y0:.4g}", fill="black")
-    draw.text((left, h - bottom + 6), f"{x0:g}", fill="black")
-    draw.text((w - right - 60, h - bottom + 6), f"step {x1:g}", fill="black")
+    xticks, yticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    x0, x1 = xticks[0], max(xticks[-1], xticks[0] + 1)
+    y0, y1 = yticks[0], max(yticks[-1], yticks[0] + 1e-12 + abs(yticks[0]) * 1e-3)
 
     def to_px(x: float, y: float) -> tuple[float, float]:
         return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
 
+    for y in yticks:  # grid lines and round numbers
+        py = to_px(x0, y)[1]
+        draw.line([(left, py), (w - right, py)], fill=(225, 225, 225))
+        draw.text((left - 6, py), f"{y:.4g}", fill="black", anchor="rm")
+    for x in xticks:
+        px = to_px(x, y0)[0]
+        draw.line([(px, top), (px, h - bottom)], fill=(225, 225, 225))
+        draw.text((px, h - bottom + 4), f"{x:g}", fill="black", anchor="ma")
+    draw.text(((left + w - right) / 2, h - 14), xlabel, fill="black", anchor="ma")
+    draw.rectangle([left, top, w - right, h - bottom], outline=(120, 120, 120))
     for k, (name, pts) in enumerate(series.items()):
         colour = colours[k % len(colours)]
         finite = [to_px(x, y) for x, y in pts if math.isfinite(y)]
         if len(finite) > 1:
             draw.line(finite, fill=colour, width=2)
+        if len(finite) < 3:
+            for px, py in finite:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
         draw.text((w - right - 150, top + 6 + 14 * k), name, fill=colour)
     return img
 
