@@ -429,3 +429,27 @@ def test_a_config_built_in_python_takes_lists_and_ints_where_tuples_and_floats_a
     train = elbox.TrainConfig(steps=np.int64(10), lr=np.float32(0.25))
     assert type(train.steps) is int and "steps = 10" in elbox.RunConfig(train=train).to_toml()  # TOML takes plain types
     assert elbox.DataConfig(data_dir=Path("some/dir")).data_dir == "some/dir"
+
+
+def test_an_npz_of_colour_samples_holds_the_grids_pixels_channel_for_channel(tmp_path, capsys):
+    """RGB data: arr_0[n, i, j] is pixel (i, j) of sample n in R, G, B order, as the PNG grid of the same seed
+    shows it (the grid scales each 8-pixel image 8 times, 2 px apart)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--data", f"folder:{folder}", "--net", "micro", "--timesteps", "5",
+                 "--steps", "2", "--batch-size", "8", "--num-samples", "4", "--final-eval-examples", "0",
+                 "--quiet"]) == 0
+    for out in ("s.npz", "s.png"):
+        assert main(["sample", str(run), "--num", "2", "--out", str(tmp_path / out)]) == 0
+    capsys.readouterr()
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    grid = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
+    assert arr.shape == (2, 8, 8, 3) and arr.dtype == np.uint8 and len(np.unique(arr)) > 10
+    assert (grid[2:66:8, 2:66:8] == arr[0]).all() and (grid[2:66:8, 68:132:8] == arr[1]).all()
