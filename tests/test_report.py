@@ -68,6 +68,12 @@ def test_the_headline_is_the_fullest_measurement_of_the_latest_checkpoint(runs, 
         f.write(json.dumps(quick) + "\n" + json.dumps(older) + "\n")
     assert Run(folder).headline("bpd") == full
     assert Run(folder).headline("fid/kid") is None
+    # `elbox evaluate` records no "step", only the checkpoint: a fuller measurement of the same checkpoint wins
+    fuller = {k: v for k, v in {**full, "examples": 64, "when": "evaluate"}.items() if k != "step"}
+    with open(folder / "evaluations.jsonl", "a") as f:
+        f.write(json.dumps(fuller) + "\n")
+    assert Run(folder).headline("bpd") == fuller
+    full = fuller
     # "Where the bits go" draws the same measurement, and says over how many examples
     assert main(["report", str(folder), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()

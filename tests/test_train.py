@@ -100,13 +100,16 @@ def test_resume_with_no_checkpoint_yet_starts_over_and_a_finished_run_is_not_rew
     files = sorted(p for p in run.rglob("*") if p.is_file())
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
     capsys.readouterr()
-    for steps in ("3", "2"):  # nothing left to do: one line, and the run as it was (config.toml kept at 3 steps)
-        assert main(["train", "--resume", str(run), "--steps", steps]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err == (f"elbox: error: {run} has trained 3 steps already; --steps {steps} leaves nothing to do: "
-                       f"give --steps above 3 to train on")
-        assert sorted(p for p in run.rglob("*") if p.is_file()) == files
-        assert all((p.stat().st_mtime_ns, p.read_bytes()) == before[p] for p in files)
+    # fewer steps than done: one line, and the run as it was (config.toml kept at 3 steps, no new evaluation)
+    assert main(["train", "--resume", str(run), "--steps", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (f"elbox: error: {run} has trained 3 steps already, more than --steps 2; "
+                                               f"give --steps 3 (to finish its outputs) or more")
+    assert sorted(p for p in run.rglob("*") if p.is_file()) == files
+    assert all((p.stat().st_mtime_ns, p.read_bytes()) == before[p] for p in files)
+    # as many: nothing to train, its outputs finished (a run stopped in its last step resumes so); the checkpoint kept
+    checkpoint = run / "checkpoints" / "step-0000003" / "model.safetensors"
+    run_train("--resume", run, "--steps", "3")
+    assert (checkpoint.stat().st_mtime_ns, checkpoint.read_bytes()) == before[checkpoint]
 
 
 # ------------------------------------------------------------------------------- splitting a batch changes nothing

@@ -42,3 +42,15 @@ def test_a_loss_plot_of_one_point_shows_it():
     picture = np.asarray(line_plot({"loss": [(20, 0.5)]}, "training loss"))
     blue = (picture[..., 2] > 150) & (picture[..., 0] < 80)
     assert blue[:, :400].sum() >= 20  # the point itself, left of the legend
+
+
+def test_tick_labels_tell_neighbouring_ticks_apart_and_odd_values_do_not_crash_the_plot():
+    from elbox.viz import _tick_label, line_plot, nice_ticks
+
+    ticks = nice_ticks(1234.5, 1236.5)
+    labels = [_tick_label(t, ticks[1] - ticks[0]) for t in ticks]
+    assert len(set(labels)) == len(labels) and labels[0] == "1234.5"  # not "1234, 1235, 1236, 1236, 1236"
+    assert nice_ticks(3.0, 3.0000002)[-1] < 3.000001  # a tiny span is drawn at its own scale
+    for series in ([(1, -1e308), (2, 1e308)], [(float("nan"), 1.0), (2, 2.0)], [], [(3, float("inf"))],
+                   [(1, 0.0), (2, 5e-324)], [(0, 5.0), (1e6, 7.0)]):
+        assert line_plot({"loss": series}, "odd").size == (640, 400)

@@ -15,7 +15,8 @@ def progress_bar(iterable: Any = None, **kwargs: Any):
     first and the final state are always drawn)."""
     from tqdm.auto import tqdm
 
-    notebook = "notebook" in tqdm.__module__  # a widget, not text: redraws cost nothing there
+    notebook = any("notebook" in c.__module__ for c in tqdm.__mro__)  # a widget, not text: redraws cost nothing
     if not notebook and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+        kwargs.setdefault("maxinterval", LOG_INTERVAL_S)  # tqdm's monitor thread would redraw every 10 s
     return tqdm(iterable, **kwargs)

@@ -36,6 +36,15 @@ details { margin: 8px 0; } pre { background: #f7f7fa; padding: 10px; font-size: 
 """
 
 
+def _step_of(evaluation: dict[str, Any]) -> int:
+    """The checkpoint step an evaluation measured: its "step" (training records it) or its checkpoint's name
+    (`elbox evaluate` records only that: "step-0000300")."""
+    if "step" in evaluation:
+        return int(evaluation["step"])
+    name = str(evaluation.get("checkpoint", ""))
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else -1
+
+
 def _natural_order(path: Path) -> list:
     """seed2 before seed10, and a first grid (samples-prior-seed0.png) before its repeat (samples-prior-seed0-1)."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.stem)]
@@ -90,7 +99,7 @@ class Run:
     def fullest(self, wanted) -> dict[str, Any] | None:
         """Of the evaluations ``wanted`` takes, the headline's choice: latest checkpoint, most examples, largest K,
         newest."""
-        found = [(e.get("step", -1), e.get("examples", 0), e.get("k") or 0, i, e)
+        found = [(_step_of(e), e.get("examples", 0), e.get("k") or 0, i, e)
                  for i, e in enumerate(self.evaluations) if wanted(e)]
         return max(found, key=lambda f: f[:4])[4] if found else None
 

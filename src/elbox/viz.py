@@ -82,10 +82,19 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     if not hi > lo:
         return [lo]
     raw = (hi - lo) / max(1, count - 1)
+    if not (raw > 0 and math.isfinite(raw)):  # a span too small or too large for round numbers
+        return [lo, hi]
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
     first = math.floor(lo / step) * step
     return [first + i * step for i in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
+
+
+def _tick_label(value: float, step: float) -> str:
+    """A tick's number with as many decimals as its step needs (1234.5 beside 1235.0, not 1234 beside 1235)."""
+    if not (math.isfinite(step) and step > 0) or abs(value) >= 1e7 or step < 1e-6:
+        return f"{value:.6g}"
+    return f"{value:.{max(0, -math.floor(math.log10(step)))}f}"
 
 
 def line_plot(series: dict[str, Sequence[tuple[float, float]]], title: str, size: tuple[int, int] = (640, 400),
@@ -97,15 +106,16 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], title: str, size
     draw = ImageDraw.Draw(img)
     left, right, top, bottom = 64, 20, 30, 44
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-    all_pts = [p for pts in series.values() for p in pts if math.isfinite(p[1])]
+    all_pts = [p for pts in series.values() for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
     draw.text((left, 8), title, fill="black")
-    if not all_pts:
+    xs, ys = [p[0] for p in all_pts], [p[1] for p in all_pts]
+    if not all_pts or not (math.isfinite(max(xs) - min(xs)) and math.isfinite(max(ys) - min(ys))):
         draw.text((left, h // 2), "not enough points yet", fill="black")
         return img
-    xs, ys = [p[0] for p in all_pts], [p[1] for p in all_pts]
     xticks, yticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
-    x0, x1 = xticks[0], max(xticks[-1], xticks[0] + 1)
-    y0, y1 = yticks[0], max(yticks[-1], yticks[0] + 1e-12 + abs(yticks[0]) * 1e-3)
+    x0, x1 = xticks[0], (xticks[-1] if len(xticks) > 1 else xticks[0] + 1)
+    y0, y1 = yticks[0], (yticks[-1] if len(yticks) > 1 else yticks[0] + 1e-12 + abs(yticks[0]) * 1e-3)
+    ystep = yticks[1] - yticks[0] if len(yticks) > 1 else 1.0
 
     def to_px(x: float, y: float) -> tuple[float, float]:
         return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
@@ -113,7 +123,7 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], title: str, size
     for y in yticks:  # grid lines and round numbers
         py = to_px(x0, y)[1]
         draw.line([(left, py), (w - right, py)], fill=(225, 225, 225))
-        draw.text((left - 6, py), f"{y:.4g}", fill="black", anchor="rm")
+        draw.text((left - 6, py), _tick_label(y, ystep), fill="black", anchor="rm")
     for x in xticks:
         px = to_px(x, y0)[0]
         draw.line([(px, top), (px, h - bottom)], fill=(225, 225, 225))
@@ -122,7 +132,7 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], title: str, size
     draw.rectangle([left, top, w - right, h - bottom], outline=(120, 120, 120))
     for k, (name, pts) in enumerate(series.items()):
         colour = colours[k % len(colours)]
-        finite = [to_px(x, y) for x, y in pts if math.isfinite(y)]
+        finite = [to_px(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
         if len(finite) > 1:
             draw.line(finite, fill=colour, width=2)
         if len(finite) < 3:

@@ -150,9 +150,9 @@ def set_up(cfg: RunConfig, dataset: Dataset, model: ELBOModel, out: Path, folder
     if resume:
         if state is not None:
             run.step = _restore(state, run)
-        if run.step >= t.steps:  # nothing to train: leave the run's config and outputs as they are
-            raise UserError(f"{out} has trained {run.step} steps already; --steps {t.steps} leaves nothing to do: "
-                            f"give --steps above {run.step} to train on")
+        if run.step > t.steps:  # fewer steps than done: leave the run's config and outputs as they are
+            raise UserError(f"{out} has trained {run.step} steps already, more than --steps {t.steps}; give --steps "
+                            f"{run.step} (to finish its outputs) or more")
         if folder is not None:
             folder.write_config(cfg)  # the settings changed now (more --steps, say), once the checkpoint fits
     run.last_checkpoint = from_main(lambda: ckpt.latest_checkpoint(out, verify=False), info)
