@@ -160,6 +160,8 @@ def test_mistaken_paths_get_the_message_about_the_mistake(tiny_run, tmp_path, ca
     assert "nosuchrun" in err and "report.html" not in err
     assert main(["train", "vae", "--resume", str(tiny_run)]) == 2
     assert one_line(capsys) == f"elbox: error: {tiny_run} is a run of a DDPM, not a VAE"
+    assert main(["train", "vae", "--resume", str(tiny_run / "checkpoints")]) == 2  # RUN/checkpoints: the run
+    assert one_line(capsys) == f"elbox: error: {tiny_run} is a run of a DDPM, not a VAE"
 
 
 def test_sample_out_is_a_png_file_or_a_folder_and_nothing_else(tiny_run, tmp_path, capsys):
@@ -224,6 +226,8 @@ def test_an_npz_holds_prior_samples_only(tmp_path, capsys):
     (["sample", "RUN", "--sampling-steps", "0", "--sampler", "ddim"], "--sampling-steps 0"),
     (["sample", "RUN", "--precision", "fp16", "--device", "cpu"], "fp16' needs a GPU"),
     (["sample", "RUN", "--precision", "bf17"], "bf17"),
+    (["sample", "RUN", "--eta", "0.5"], "--eta 0.5 is DDIM's"),  # before anything is loaded or drawn
+    (["evaluate", "RUN", "--metric", "fid", "--eta", "0.5", "--fid-weights", "/nonexistent.pt"], "--eta 0.5 is DDIM's"),
 ])
 def test_sample_and_evaluate_settings_are_checked(tiny_run, capsys, argv, words):
     assert main([str(tiny_run) if a == "RUN" else a for a in argv]) == 2
@@ -340,6 +344,7 @@ def test_skip_bad_reports_the_files_it_skipped(tmp_path, capsys):
     (["train", "--vae", "RUN"], "--vae is a flag of the ldm model: `elbox train ldm --vae"),
     (["train", "ddmp", "--steps", "3"], "unknown model 'ddmp'; did you mean ddpm? (models: ddpm, vae, ldm)"),
     (["train", "VAE"], "unknown model 'VAE'; did you mean vae?"),
+    (["train", "--steps", "3", "vae"], "the model comes first: `elbox train vae [flags]`"),
     (["train", "--learning-rate", "1e-3"], "elbox calls it --lr"),
     (["sample", "RUN", "--num-inference-steps", "3"], "elbox calls it --sampling-steps"),
     (["train", "--lrr", "1"], "did you mean --lr?"),
@@ -453,3 +458,26 @@ def test_an_npz_of_colour_samples_holds_the_grids_pixels_channel_for_channel(tmp
     grid = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
     assert arr.shape == (2, 8, 8, 3) and arr.dtype == np.uint8 and len(np.unique(arr)) > 10
     assert (grid[2:66:8, 2:66:8] == arr[0]).all() and (grid[2:66:8, 68:132:8] == arr[1]).all()
+
+
+def test_a_manifold_still_draws_when_the_data_has_moved(tmp_path, capsys):
+    """--mode manifold picks the most active latent dimensions from test data; without the data (a folder moved)
+    the checkpoint alone still draws it, over the first two dimensions, as prior samples do."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "vae"
+    assert main(["train", "vae", "--out", str(run), "--data", f"folder:{folder}", "--hidden", "16", "--latent-dim",
+                 "4", "--steps", "2", "--batch-size", "8", "--num-samples", "4", "--final-eval-examples", "0",
+                 "--quiet"]) == 0
+    assert main(["sample", str(run), "--mode", "manifold", "--num", "4", "--out", str(tmp_path / "a.png")]) == 0
+    shutil.move(folder, tmp_path / "elsewhere")
+    assert main(["sample", str(run), "--mode", "manifold", "--num", "4", "--out", str(tmp_path / "b.png")]) == 0
+    capsys.readouterr()

@@ -130,16 +130,28 @@ def draw(model: ELBOModel, cfg: SampleConfig, progress: bool = False) -> torch.T
 INTERPOLATION_STEPS = 8
 
 
+def _most_active(model: ELBOModel, data: DataConfig, cfg: SampleConfig, generator: torch.Generator) -> tuple[int, int]:
+    """The two most active latent dimensions over up to 1,000 test images, encoded ``cfg.batch_size`` at a time (a
+    wide latent leaves many unused); the first two when the latent has two or fewer, or the data cannot be read."""
+    if model.latent_dim <= 2:
+        return (0, 1)
+    try:
+        ds = data.load("test")
+    except UserError:  # the data moved: the checkpoint alone still draws, over the first two dimensions
+        return (0, 1)
+    x = to_model(ds.data[torch.randperm(len(ds.data), generator=generator)[:1000]], model.data_range,
+                 generator=generator)
+    return tuple(sorted(int(d) for d in model.activity(x, batch_size=cfg.batch_size).topk(2).indices))
+
+
 def _data_mode(model: ELBOModel, cfg: SampleConfig, generator: torch.Generator) -> torch.Tensor:
     """The modes of a model with an encoder: a latent grid, reconstructions and interpolations of held-out data."""
     device = next(model.parameters()).device
     data = model.data_config
+    if cfg.mode == "manifold":
+        return model.manifold(int(round(cfg.num**0.5)), dims=_most_active(model, data, cfg, generator)).cpu()
     ds = data.load("test")
     idx = torch.randperm(len(ds.data), generator=generator)
-    if cfg.mode == "manifold":  # the two most active latent dimensions (a wide latent leaves many unused)
-        x = to_model(ds.data[idx[:1000]], model.data_range, generator=generator).to(device)
-        dims = tuple(sorted(int(d) for d in model.activity(x).topk(min(2, model.latent_dim)).indices))
-        return model.manifold(int(round(cfg.num**0.5)), dims=dims if len(dims) == 2 else (0, 1)).cpu()
     if cfg.mode == "reconstruct":
         x = to_model(ds.data[idx[: max(1, cfg.num // 2)]], model.data_range, generator=generator).to(device)
         rec = model.reconstruct(x)

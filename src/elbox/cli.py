@@ -73,7 +73,9 @@ class OneLineParser(argparse.ArgumentParser):
             else:
                 what = repr(unknown[0]) if unknown else "an empty argument ''"
                 model = difflib.get_close_matches(unknown[0].lower(), list(MODELS), n=1, cutoff=0.6) if unknown else []
-                if self.prog.startswith(f"{PROG} train") and model:  # `elbox train ddmp`
+                if self.prog.startswith(f"{PROG} train") and unknown and unknown[0] in MODELS:  # after a flag
+                    message = f"the model comes first: `elbox train {unknown[0]} [flags]`"
+                elif self.prog.startswith(f"{PROG} train") and model:  # `elbox train ddmp`
                     message = f"unknown model {what}; did you mean {model[0]}? (models: {', '.join(MODELS)})"
                 else:
                     message = f"unexpected argument {what}; see `{self.prog} --help`"
@@ -187,6 +189,8 @@ def train_config_from_args(argv: list[str]) -> tuple[RunConfig, Path, bool]:
     model = argv.pop(0) if named else "ddpm"
     ns = _train_parser(model).parse_args(argv)
     if ns.resume is not None:
+        if ns.resume.name == "checkpoints" and (ns.resume.parent / "config.toml").is_file():
+            ns.resume = ns.resume.parent  # RUN/checkpoints: its run, as sample and evaluate take it
         if ns.config is not None:
             raise UserError("--resume reads the run's own config.toml; leave out --config (flags such as --steps still apply)")
         base = load_run_config(ns.resume / "config.toml") if (ns.resume / "config.toml").is_file() else None

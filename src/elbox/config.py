@@ -202,6 +202,7 @@ class SampleConfig:
             raise UserError(f"--sampling-steps {self.sampling_steps} is not allowed; use an integer >= 1")
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"--eta {self.eta} is not allowed; use a value in [0, 1] (0: deterministic DDIM)")
+        _ddim_only(self)
 
 
 @dataclass
@@ -226,6 +227,14 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         _at_least(self, k=1, examples=0, batch_size=1, num=2)
+        _ddim_only(self)
+
+
+def _ddim_only(cfg: Any) -> None:
+    """--eta is DDIM's: refused with ancestral sampling when the settings are read, not after minutes of work."""
+    if cfg.eta != 0 and cfg.sampler != "ddim":
+        raise UserError(f"--eta {cfg.eta} is DDIM's (Song et al. eq. 16); --sampler {cfg.sampler} has none: use "
+                        f"--sampler ddim with --eta")
 
 
 def _at_least(cfg: Any, **minimum: int) -> None:

@@ -412,11 +412,15 @@ class VAE(ELBOModel):
             out = self.decode(z.flatten(0, 1)).view(x1.shape[0], steps, *self.data_shape)
             return out[0] if single else out
 
-    def activity(self, x: Tensor) -> Tensor:
+    def activity(self, x: Tensor, batch_size: int = 256) -> Tensor:
         """How much each latent dimension is used: the variance over the examples x of its posterior mean,
-        Cov_x(E_q(z|x)[z_u]) (Burda et al. 2016, section 5.2: a unit is active above 0.01), flattened: (latent_dim,)."""
+        Cov_x(E_q(z|x)[z_u]) (Burda et al. 2016, section 5.2: a unit is active above 0.01), flattened: (latent_dim,).
+        x may sit on the CPU; it is encoded ``batch_size`` examples at a time on the model's device."""
+        device = next(self.parameters()).device
         with torch.no_grad():
-            return self.encode(x)[0].flatten(1).double().var(0, correction=0)
+            means = [self.encode(x[i : i + batch_size].to(device))[0].flatten(1).double().cpu()
+                     for i in range(0, x.shape[0], batch_size)]
+        return torch.cat(means).var(0, correction=0)
 
     def manifold(self, n: int, *, generator: torch.Generator | None = None, dims: tuple[int, int] = (0, 1)) -> Tensor:
         """decode(z) over an n x n grid of two latent dimensions (``dims``: the first two unless told), the others 0:
