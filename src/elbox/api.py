@@ -92,9 +92,9 @@ class _ChainBar:
         if self.bar is None:
             from elbox.progress import progress_bar
 
+            batches = f"{self.batches} batch{'es' if self.batches > 1 else ''}"
             self.bar = progress_bar(total=total * self.batches, unit="step", dynamic_ncols=True,
-                            desc=f"{self.desc}: {self.num} samples, {total} steps x {self.batches} "
-                                 f"batch{'es' if self.batches > 1 else ''}")
+                                    desc=f"{self.desc}: {self.num} samples, {total} steps x {batches}")
         self.bar.update(1)
 
     def close(self) -> None:
