@@ -448,38 +448,6 @@ def test_manifold_decodes_a_grid_over_the_prior(latent_dim):
         torch.testing.assert_close(grid, vae.decode(z))
 
 
-def test_the_manifold_walks_the_two_dimensions_it_is_given_and_elbox_sample_takes_the_most_active(tmp_path):
-    """A wide latent space leaves most dimensions unused (Burda et al. 2016, section 5.2), and a grid over two
-    unused ones decodes one image n * n times: `elbox sample --mode manifold` walks the two most active."""
-    from elbox.api import draw, load
-    from elbox.cli import main
-    from elbox.config import SampleConfig
-
-    torch.manual_seed(0)
-    vae = VAE(VAEConfig(**{**SMALL, "latent_dim": 5}), (1, 8, 8))
-    q = torch.special.ndtri((torch.arange(3) + 0.5) / 3)
-    z = torch.zeros(9, 5)
-    z[:, 2], z[:, 4] = q.repeat(3), -q.repeat_interleave(3)
-    torch.testing.assert_close(vae.manifold(3, dims=(2, 4)), vae.decode(z))
-    for bad in ((1, 1), (0, 5), (-1, 2)):
-        with pytest.raises(UserError, match=r"manifold dims=.*: give two different latent dimensions of 0 .. 4"):
-            vae.manifold(3, dims=bad)
-    run = tmp_path / "v"
-    assert main(["train", "vae", "--out", str(run), "--latent-dim", "6", "--hidden", "32", "--steps", "30",
-                 "--batch-size", "32", "--num-samples", "4", "--final-eval-examples", "8", "--quiet"]) == 0
-    model = load(run)
-    from elbox.data import to_model
-
-    ds = model.data_config.load("test")
-    g = torch.Generator().manual_seed(0)  # --seed 0: test images picked, then binarized, from one stream
-    x = to_model(ds.data[torch.randperm(len(ds.data), generator=g)[:1000]], model.data_range, generator=g)
-    activity = model.activity(x)
-    assert activity.shape == (6,) and (activity >= 0).all()
-    top = tuple(sorted(activity.argsort(descending=True)[:2].tolist()))
-    assert top != (0, 1)  # else the first two dimensions would pass this test too
-    torch.testing.assert_close(draw(model, SampleConfig(mode="manifold", num=9)), model.manifold(3, dims=top))
-
-
 @pytest.mark.parametrize("kw", [dict(arch="mlp", decoder="gaussian", sigma_mode="fixed", latent_dim=2),
                                 dict(arch="mlp", decoder="gaussian", sigma_mode="fixed", latent_dim=1),
                                 dict(arch="conv-mlp", decoder="bernoulli", ar_kernel=3, latent_dim=2)])
