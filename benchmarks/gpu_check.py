@@ -8,6 +8,10 @@ stage is recorded and the next one runs:
 1. ``correct`` — the same weights and inputs on the GPU (fp32, TF32 off; then TF32) and on the CPU in float64:
    relative error of the DDPM's full bound per example; and seeded ancestral samples on the GPU vs the CPU, both
    fp32 (``draws.randn_from`` promises the same noise on any device).
+   ``nosync`` — a training step queues without waiting for the GPU: ``train_step`` under CUDA's sync detector
+   (``torch.cuda.set_sync_debug_mode("error")``: any host synchronisation raises) for the DDPM, the VAE and the
+   end-to-end latent diffusion model; then the digits DDPM's img/s with the checks deferred (the GPU default) and
+   read back every step (``loop.defer_checks`` off), taking turns.
 2. ``main_job`` — README's main command (the quick start's `elbox train ...`, read from README.md; digits 8x8) on the
    GPU: wall time, held-out bits/dim; samples.png is copied to DIR.
    ``peers`` — ``benchmarks/speed.py --preset full --compile``: the 35.7M U-Net's training step (batch 128) and
@@ -117,6 +121,63 @@ def stage_correct(args) -> dict:
     ok = (out["ddpm_bound_rel_err_fp32_vs_cpu64"] < 1e-4 and out["ddpm_bound_rel_err_tf32_vs_cpu64"] < 1e-2
           and out["ddpm_sample_max_abs_diff_gpu_vs_cpu_fp32"] < 1e-2)
     out["ok"] = ok
+    return out
+
+
+def stage_nosync(args) -> dict:
+    from elbox.config import DataConfig, RunConfig, TrainConfig
+    from elbox.objectives.ddpm import DDPMConfig
+    from elbox.objectives.latent import LDMConfig
+    from elbox.objectives.vae import VAEConfig
+    from elbox.training import loop
+
+    work, gpu = Path(args.work) / "nosync", args.device.startswith("cuda")
+    shutil.rmtree(work, ignore_errors=True)
+    real_step, real_defer = loop.train_step, loop.defer_checks
+
+    def strict(*a, **k):  # an error on any synchronisation inside a step
+        if gpu:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_step(*a, **k)
+        finally:
+            if gpu:
+                torch.cuda.set_sync_debug_mode(0)
+
+    def cfg(model: str, model_config, **train) -> RunConfig:
+        return RunConfig(model=model, model_config=model_config, data=DataConfig(),
+                         train=TrainConfig(batch_size=128, final_eval_examples=0, quiet=True, sample_every=0,
+                                           device=args.device, **train))
+
+    out: dict[str, object] = {}
+    runs = {"ddpm": cfg("ddpm", DDPMConfig(net="small"), steps=30, log_every=10),
+            "vae": cfg("vae", VAEConfig(), steps=30, log_every=10),
+            "ldm_end_to_end": cfg("ldm", LDMConfig(vae=str(work / "vae"), end_to_end=True), steps=30, log_every=10),
+            "ddpm_bf16": cfg("ddpm", DDPMConfig(net="small"), steps=30, log_every=10, precision="bf16")}
+    loop.train_step = strict
+    try:
+        for name, c in runs.items():
+            try:
+                loop.train(c, work / ("vae" if name == "vae" else name))
+                out[name] = "no sync inside a step" if gpu else "ran (not checked on a CPU)"
+            except Exception as e:  # noqa: BLE001 - the detector's error names the synchronising call
+                out[name] = f"failed: {type(e).__name__}: {str(e)[-600:]}"
+    finally:
+        loop.train_step = real_step
+    # the gain: the same training with the checks read back every step, taking turns
+    ips: dict[str, list[float]] = {"deferred": [], "every_step": []}
+    try:
+        for turn in range(2):
+            for mode in ips:
+                loop.defer_checks = real_defer if mode == "deferred" else (lambda run: False)
+                run = work / f"speed-{mode}-{turn}"
+                steps = 400 if gpu else 20  # a CPU only tries the script out
+                loop.train(cfg("ddpm", DDPMConfig(net="small"), steps=steps, log_every=steps // 8), run)
+                ips[mode].append(round(steady_images_per_s(run)))
+    finally:
+        loop.defer_checks = real_defer
+    out["digits_small_batch128_img_s"] = ips
+    out["ok"] = all(v == "no sync inside a step" for k, v in out.items() if k in runs) if gpu else None
     return out
 
 
@@ -290,7 +351,7 @@ def stage_pytest(args) -> dict:
     return {"wall_s": time.perf_counter() - start, "tail": text[-1200:]}
 
 
-STAGES = [("correct", stage_correct, 30), ("main_job", stage_main_job, 90), ("peers", stage_peers, 200),
+STAGES = [("correct", stage_correct, 30), ("nosync", stage_nosync, 60), ("main_job", stage_main_job, 90), ("peers", stage_peers, 200),
           ("cifar", stage_cifar, 150),
           ("sampling", stage_sampling, 30), ("fid", stage_fid, 240), ("fp16", stage_fp16, 40), ("vae", stage_vae, 40), ("torchrun", stage_torchrun, 40),
           ("pytest", stage_pytest, 60)]

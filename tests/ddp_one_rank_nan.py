@@ -1,6 +1,7 @@
 """Run by tests/test_train_ddp.py under torchrun: a DDPM whose prior term is NaN on step 3 on the last process
 only (with one process, that process), trained with --on-nonfinite skip; it also fails if anything still holds the
-process group when training tears it down. Not a test file itself."""
+process group when training tears it down. With a third argument "deferred", the checks are the GPU's (decided on
+the device, read back a step late: see test_train_deferred.py). Not a test file itself."""
 
 import gc
 import os
@@ -31,8 +32,10 @@ def teardown_last(real=elbox.training.loop.teardown) -> None:
         raise SystemExit(f"rank {os.environ.get('RANK')}: {alive} DDP wrapper(s) alive at the process group's teardown")
 
 
-def run(out: Path) -> None:
+def run(out: Path, deferred: bool = False) -> None:
     MODELS["last-rank-nan"] = (DDPMConfig, LastRankNaN)
+    if deferred:
+        elbox.training.loop.defer_checks = lambda run: True
     # no dropout: two processes then train as one (see test_train_ddp.py), so the skipped step is the only difference
     cfg = RunConfig(model="last-rank-nan", model_config=DDPMConfig(net="micro", timesteps=20, dropout=0.0),
                     data=DataConfig(),
@@ -44,4 +47,4 @@ def run(out: Path) -> None:
 
 if __name__ == "__main__":
     elbox.training.loop.teardown = teardown_last
-    run(Path(sys.argv[1]))
+    run(Path(sys.argv[1]), deferred=sys.argv[2:] == ["deferred"])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from elbox.cli import main
@@ -80,16 +81,23 @@ def test_two_processes_match_one_resume_and_agree_on_ema(tmp_path, capsys):
     assert "written by 2 process(es)" in capsys.readouterr().err
 
 
-def test_a_nan_on_one_process_skips_the_step_on_every_process_and_names_the_other_batch(tmp_path):
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_nan_on_one_process_skips_the_step_on_every_process_and_names_the_other_batch(tmp_path, monkeypatch,
+                                                                                        deferred):
     """With --on-nonfinite skip, a NaN in one process's half of the batch skips the update on all of them (their
-    weights stay equal), and rank 0, whose own half was finite, logs that the NaN was in another process's batch."""
+    weights stay equal), and rank 0, whose own half was finite, logs that the NaN was in another process's batch.
+    Deferred: the same with the GPU's checks (the flags all-reduced on the device, the update skipped there)."""
     from ddp_one_rank_nan import run
 
+    import elbox.training.loop
+
+    monkeypatch.setattr(elbox.training.loop, "defer_checks", elbox.training.loop.defer_checks)  # run() may set it
     one, two = tmp_path / "one", tmp_path / "two"
-    run(one)  # one process: the NaN is in its own batch, and is named by its term
+    run(one, deferred)  # one process: the NaN is in its own batch, and is named by its term
     script = Path(__file__).with_name("ddp_one_rank_nan.py")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           str(script), str(two)], capture_output=True, text=True, timeout=300, env=ENV)
+                           str(script), str(two), *(["deferred"] if deferred else [])],
+                          capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr  # (the script also checks that the process group is torn down last)
 
     def skipped(run: Path) -> list[tuple[int, str]]:

@@ -52,7 +52,7 @@ _CURRENT: ContextVar[_GlobalBatch | None] = ContextVar("elbox_global_batch", def
 @contextlib.contextmanager
 def global_batch(seed: int, rows: Tensor, total: int) -> Iterator[None]:
     """Draw for the ``total`` examples of the global batch from ``seed``, keep ``rows`` (see the module doc)."""
-    token = _CURRENT.set(_GlobalBatch(int(seed), rows.long().cpu(), int(total)))
+    token = _CURRENT.set(_GlobalBatch(int(seed), rows.long(), int(total)))  # rows on the draws' device: no copy
     try:
         yield
     finally:

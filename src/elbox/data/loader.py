@@ -102,16 +102,23 @@ class InMemoryLoader:
         if self.position >= self.num_batches:  # a state saved after an epoch's last batch
             self.epoch, self.position = self.epoch + 1, 0
         epoch = self.epoch
-        index = self.epoch_indices(epoch).to(self.device)
+        index = self._to_device(self.epoch_indices(epoch))
         bs = self.batch_size
         for b in range(self.position, self.num_batches):
             i = index[b * bs : (b + 1) * bs]
             x = self.data.index_select(0, i)
             if self.hflip:
-                hflip_(x, self.flip_index(epoch, b, len(i)).to(self.device))  # x is a fresh copy
+                hflip_(x, self._to_device(self.flip_index(epoch, b, len(i))))  # x is a fresh copy
             self.position = b + 1  # a checkpoint taken while this batch is used resumes at the next one
             yield x if self.labels is None else (x, self.labels.index_select(0, i))
         self.epoch, self.position = epoch + 1, 0
+
+    def _to_device(self, index: Tensor) -> Tensor:
+        """A CPU index on the loader's device. To a GPU through pinned memory, without waiting: a plain copy from
+        the host waits for everything queued on the device, and the trainer queues a step ahead."""
+        if self.device.type == "cuda":
+            return index.pin_memory().to(self.device, non_blocking=True)
+        return index.to(self.device)
 
     def forever(self) -> Iterator[Any]:
         """Batches across epochs, without end (resumable like ``iter(self)``)."""

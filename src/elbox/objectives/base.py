@@ -21,8 +21,10 @@ from disk without the command that made it.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +32,24 @@ from torch import Tensor, nn
 
 from elbox.errors import UserError
 from elbox.objectives.terms import Terms
+
+_MADE_IN_RANGE: ContextVar[bool] = ContextVar("elbox_batches_made_in_range", default=False)
+
+
+@contextlib.contextmanager
+def batches_made_in_range() -> Iterator[None]:
+    """Inside, a model takes its batches' range on trust: for a caller that made them with ``to_model`` (the
+    trainer). A range check reads the batch's minimum and maximum back, which on a GPU waits for the device."""
+    token = _MADE_IN_RANGE.set(True)
+    try:
+        yield
+    finally:
+        _MADE_IN_RANGE.reset(token)
+
+
+def range_taken_on_trust() -> bool:
+    """Whether ``batches_made_in_range`` is open."""
+    return _MADE_IN_RANGE.get()
 
 
 class ELBOModel(nn.Module):

@@ -163,7 +163,8 @@ class LDM(ELBOModel):
         # -H[N(mu, sigma^2)] = -1/2 sum(1 + log 2 pi + log sigma^2), in closed form
         neg_entropy = -0.5 * (1.0 + LOG_2PI + logvar).flatten(1).sum(1)
         # p(z) = p_DDPM(s z) s^d: the change of variables adds -d log s to -log p(z)
-        log_scale = torch.full_like(neg_entropy, -d * float(torch.log(s)))
+        # (-d log s, on the device: computed in float64 from log s as the host would, then cast; nothing read back)
+        log_scale = (torch.log(s).double() * -d).to(neg_entropy.dtype).expand_as(neg_entropy).contiguous()
         return {"decoder_nll": decoder_nll, "neg_entropy": neg_entropy, "log_scale": log_scale}
 
     # ---- the contract --------------------------------------------------------------------------------------

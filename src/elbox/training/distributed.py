@@ -72,6 +72,13 @@ def any_rank(flags: list[bool], info: DistInfo) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def any_rank_on_device(flags: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """``any_rank`` for float 0/1 flags that stay on the device: the all-reduce is queued, nothing is read back."""
+    if info.enabled:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
 def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     """Average logged numbers over ranks (every rank has the same keys), so the log describes the global batch."""
     if not info.enabled or not values:

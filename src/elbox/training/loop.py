@@ -57,9 +57,18 @@ from elbox.data import to_model
 from elbox.data.dataset import derive_seed
 from elbox.errors import EmptySplit, UserError
 from elbox.metrics.likelihood import Evaluation
-from elbox.objectives.base import ELBOModel
+from elbox.objectives.base import ELBOModel, batches_made_in_range
 from elbox.objectives.terms import Terms, term_words
-from elbox.training.distributed import DistInfo, any_rank, from_main, mean_over_ranks, setup, teardown, wait_for_all
+from elbox.training.distributed import (
+    DistInfo,
+    any_rank,
+    any_rank_on_device,
+    from_main,
+    mean_over_ranks,
+    setup,
+    teardown,
+    wait_for_all,
+)
 from elbox.training.ema import EMA
 from elbox.training.outputs import (
     METRICS,
@@ -154,70 +163,111 @@ class _LoopEnd:  # pragma: no mutate block
 
 
 def _loop(run: Run) -> _LoopEnd:  # pragma: no mutate block
-    """Steps until ``train.steps`` (or a stop signal), each followed by the periodic actions that are due."""
+    """Steps until ``train.steps`` (or a stop signal), each followed by the periodic actions that are due.
+
+    On a GPU (``defer_checks``) a step is only queued when ``train_step`` returns, and reading anything back waits
+    for it: so the loop reads a step's outcome (NaN/Inf, a stop signal under torchrun) while the next one is
+    queued, and the step it has just queued only where its results are needed (a metrics line, a checkpoint, a
+    grid, the end). A NaN/Inf step's update was skipped on the device meanwhile; the next one's update is made,
+    but stopping then saves nothing, so a stop still keeps the last checkpoint and names the step."""
     t, info = run.cfg.train, run.info
     log = _Log(MetricsLog(run.out, run.step) if info.is_main else None,
                progress_bar(t, run.step) if info.is_main else None)
+    deferred = defer_checks(run)
     batches = run.loader.forever()
     start = time.perf_counter()
-    images_seen = skipped = in_a_row = 0
+    images_seen = 0
     stopped_by: str | None = None
+    queued: StepOutcome | None = None  # a step not read back yet
     try:
         with _StopSignal() as stop:
             while run.step < t.steps:
                 done = train_step(run.step, next(batches), t=t, model=run.model, loss_module=run.loss_module,
                                   optimizer=run.optimizer, scaler=run.scaler, ema=run.ema, info=info,
-                                  micro_rows=run.micro_rows, stop_requested=stop.requested)
-                in_a_row = in_a_row + 1 if done.nonfinite is not None else 0
-                if done.nonfinite is not None:
-                    _on_nonfinite(run, done.nonfinite, log.metrics, in_a_row)  # stops, or counts a skipped update
-                    skipped += 1
+                                  micro_rows=run.micro_rows, stop_requested=stop.requested, deferred=deferred)
                 run.step += 1
                 images_seen += t.batch_size
-                log.step(run, done, skipped)
+                stop_now = queued is not None and _settle(run, queued, log)  # the previous step, if not read yet
+                queued = done
+                # every rank must read at the same steps (a metrics line is a collective): a local signal counts
+                # only in a single process; under torchrun the signal comes through the step's flags
+                if not deferred or stop_now or _due(run) or (not info.enabled and stop.requested()):
+                    stop_now = _settle(run, done, log) or stop_now
+                    queued = None
                 _periodic(run, log.metrics)
-                if done.stop_now:
+                if stop_now:
                     stopped_by = stop.received or "SIGTERM"  # a signal to another rank: torchrun's SIGTERM
                     break
     finally:
         log.close()
-    return _LoopEnd(time.perf_counter() - start, images_seen, skipped, stopped_by)
+    return _LoopEnd(time.perf_counter() - start, images_seen, log.skipped, stopped_by)
 
 
-def _on_nonfinite(run: Run, where: str, metrics: MetricsLog | None, in_a_row: int) -> None:  # pragma: no mutate block
-    """A NaN/Inf in this step (its update was skipped): stop, naming the step and the term, unless told to skip
+def defer_checks(run: Run) -> bool:  # pragma: no mutate block
+    """Whether a step's NaN/Inf check is decided on the device and read back later (see ``_loop``): on a GPU,
+    with the fused optimizer (it skips an update itself when told so by a flag on the device) and without fp16's
+    grad scaler (which reads its own flag). On a CPU a read costs nothing: each step is read as it ends."""
+    return (run.info.device.type == "cuda" and bool(run.optimizer.defaults.get("fused"))
+            and run.cfg.train.precision != "fp16")
+
+
+def _due(run: Run) -> bool:  # pragma: no mutate block
+    """Whether this step's results are needed now: a metrics line, the last step, a grid, FID or a checkpoint."""
+    t, step = run.cfg.train, run.step
+    return (step % t.log_every == 0 or step == t.steps or step % t.checkpoint_every == 0
+            or bool(t.sample_every and step % t.sample_every == 0) or bool(t.fid_every and step % t.fid_every == 0))
+
+
+def _settle(run: Run, done: StepOutcome, log: _Log) -> bool:  # pragma: no mutate block
+    """Read a step's outcome back: a NaN/Inf stops the run or counts a skipped update, the metrics line and the
+    progress bar; whether any rank was asked to stop."""
+    nonfinite, stop_now = done.settle()
+    log.in_a_row = log.in_a_row + 1 if nonfinite is not None else 0
+    if nonfinite is not None:
+        _on_nonfinite(run, done.step, nonfinite, log.metrics, log.in_a_row)  # stops, or counts a skipped update
+        log.skipped += 1
+    log.step(run, done, nonfinite)
+    return stop_now
+
+
+def _on_nonfinite(run: Run, step: int, where: str, metrics: MetricsLog | None,
+                  in_a_row: int) -> None:  # pragma: no mutate block
+    """A NaN/Inf in step ``step`` (its update was skipped): stop, naming the step and the term, unless told to skip
     (and fewer than ``max_skips`` steps in a row were)."""
     t = run.cfg.train
     if t.on_nonfinite == "skip" and in_a_row < t.max_skips:
         return
     if metrics is not None:
-        metrics.write({"step": run.step + 1, "nonfinite": where, "stopped": True})
+        metrics.write({"step": step, "nonfinite": where, "stopped": True})
     kept = (f"the last checkpoint, {run.last_checkpoint}, is untouched" if run.last_checkpoint
             else "no checkpoint was written yet")
     if t.on_nonfinite == "skip":
         raise UserError(f"non-finite value (NaN/Inf) in {where} in {in_a_row} steps in a row, the last at step "
-                        f"{run.step + 1}; stopped; {kept}; try a lower --lr or --grad-clip")
-    raise UserError(f"non-finite value (NaN/Inf) in {where} at step {run.step + 1}; stopped; {kept}; try a lower "
+                        f"{step}; stopped; {kept}; try a lower --lr or --grad-clip")
+    raise UserError(f"non-finite value (NaN/Inf) in {where} at step {step}; stopped; {kept}; try a lower "
                     f"--lr, --grad-clip, or --on-nonfinite skip")
 
 
 class _Log:  # pragma: no mutate block
-    """The metrics line every ``log_every`` steps (and at the last step, and at a NaN/Inf), and the progress bar."""
+    """The metrics line every ``log_every`` steps (and at the last step, and at a NaN/Inf), the progress bar, and
+    the count of skipped updates."""
 
     def __init__(self, metrics: MetricsLog | None, progress: Any) -> None:
         self.metrics, self.progress = metrics, progress
         self.window_start, self.window_images = time.perf_counter(), 0
+        self.skipped = self.in_a_row = 0
 
-    def step(self, run: Run, done: StepOutcome, skipped: int) -> None:
+    def step(self, run: Run, done: StepOutcome, nonfinite: str | None) -> None:
         t = run.cfg.train
         self.window_images += t.batch_size
-        if run.step % t.log_every == 0 or run.step == t.steps or done.nonfinite is not None:
+        if done.step % t.log_every == 0 or done.step == t.steps or nonfinite is not None:
             now = time.perf_counter()
             summary = mean_over_ranks(Terms.cat(done.terms).summary(), run.info)
-            record = {"step": run.step, **summary, "lr": done.lr, "grad_norm": float(done.grad_norm),
-                      "images_per_s": self.window_images / max(now - self.window_start, 1e-9), "skipped": skipped}
-            if done.nonfinite:
-                record["nonfinite"] = done.nonfinite
+            record = {"step": done.step, **summary, "lr": done.lr, "grad_norm": float(done.grad_norm),
+                      "images_per_s": self.window_images / max(now - self.window_start, 1e-9),
+                      "skipped": self.skipped}
+            if nonfinite:
+                record["nonfinite"] = nonfinite
             self.window_start, self.window_images = now, 0
             if self.metrics is not None:
                 self.metrics.write(record)
@@ -302,22 +352,34 @@ def _finish(run: Run, loop: _LoopEnd) -> TrainResult:  # pragma: no mutate block
 # bookkeeping and resume are marked "no mutate block" and are checked by the end-to-end tests instead.
 @dataclass
 class StepOutcome:
-    """What one optimizer step leaves for the loop: its terms (one ``Terms`` per micro-batch), the learning rate
-    and gradient norm it used, where a NaN/Inf was (its update was then skipped), and whether any rank was asked
-    to stop."""
+    """What one optimizer step leaves for the loop: its number (from 1), its terms (one ``Terms`` per
+    micro-batch), the learning rate and gradient norm it used, and three 0/1 flags, on the device while the step
+    may still be running there: a NaN/Inf in this rank's batch, one on any rank (the update was then skipped),
+    and a stop signal on any rank."""
 
+    step: int
     terms: list[Terms]
     lr: float
     grad_norm: torch.Tensor
-    nonfinite: str | None
-    stop_now: bool
+    flags: torch.Tensor
+
+    def settle(self) -> tuple[str | None, bool]:
+        """The flags, read back (this waits for the step): where a NaN/Inf was, if anywhere, and whether to stop."""
+        here, anywhere, stop = (bool(v) for v in self.flags.tolist())
+        nonfinite = None
+        if anywhere:
+            nonfinite = _nonfinite_where(self.terms) if here else "the batch of another process"
+        return nonfinite, stop
 
 
 def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOModel, loss_module: nn.Module,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema: EMA | None, info: DistInfo,
-               micro_rows: list[torch.Tensor], stop_requested: Callable[[], bool]) -> StepOutcome:
+               micro_rows: list[torch.Tensor], stop_requested: Callable[[], bool],
+               deferred: bool = False) -> StepOutcome:
     """One optimizer step on this rank's share ``batch`` (uint8) of the step's global batch: learning-rate
-    warm-up, forward and backward over the micro-batches, clipping, the NaN/Inf check, the update and the EMA."""
+    warm-up, forward and backward over the micro-batches, clipping, the NaN/Inf check, the update and the EMA.
+    ``deferred``: the check is decided on the device and nothing is read back, so that on a GPU the whole step is
+    queued without waiting for it (the caller reads its flags later)."""
     lr = learning_rate(step, t)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -329,7 +391,8 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
         last = micro == t.grad_accum - 1
         sync = loss_module.no_sync() if info.enabled and not last else contextlib.nullcontext()
         with sync:
-            with draws.global_batch(step_seed, rows, t.batch_size), devices.autocast(t.precision, info.device):
+            with (draws.global_batch(step_seed, rows, t.batch_size), devices.autocast(t.precision, info.device),
+                  batches_made_in_range()):  # _to_model makes x in the model's range
                 x = _to_model(x_uint8, model.data_range, t.channels_last)
                 loss, terms = loss_module(x, step)
             scaler.scale(loss / t.grad_accum).backward()
@@ -344,18 +407,31 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
     finite = torch.isfinite(total)
     if t.precision != "fp16":
         finite = finite & torch.isfinite(grad_norm)
-    bad_here = not bool(finite)
-    bad, stop_now = any_rank([bad_here, stop_requested()], info)
-    nonfinite = None
-    if bad:
-        nonfinite = _nonfinite_where(terms_seen) if bad_here else "the batch of another process"
-    else:
-        scaler.step(optimizer)  # fp16: skips the update itself when the scaled gradient overflowed
+    if deferred:
+        # the same decision, made on the device: the fused optimizer skips its update when found_inf is 1 (as it
+        # does under a grad scaler) and the EMA adds nothing; the flags are read after the next step is queued
+        bad = (~finite).to(torch.float32)
+        stop = torch.full((), float(stop_requested()), device=bad.device)  # a fill: no copy from the host
+        anywhere = any_rank_on_device(torch.stack([bad, stop]), info)
+        optimizer.found_inf = anywhere[0]
+        try:
+            scaler.step(optimizer)  # not fp16 here: the scaler is off and this is optimizer.step()
+        finally:
+            del optimizer.found_inf
         if ema is not None:
-            ema.update(model)
+            ema.update(model, skip=anywhere[0] != 0)
+        flags = torch.cat([bad.reshape(1), anywhere])
+    else:
+        bad_here = not bool(finite)
+        bad, stop_now = any_rank([bad_here, stop_requested()], info)
+        if not bad:
+            scaler.step(optimizer)  # fp16: skips the update itself when the scaled gradient overflowed
+            if ema is not None:
+                ema.update(model)
+        flags = torch.tensor([float(bad_here), float(bad), float(stop_now)])
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(terms=terms_seen, lr=lr, grad_norm=grad_norm, nonfinite=nonfinite, stop_now=stop_now)
+    return StepOutcome(step=step + 1, terms=terms_seen, lr=lr, grad_norm=grad_norm, flags=flags)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

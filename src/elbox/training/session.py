@@ -216,7 +216,8 @@ def check_setup(t: TrainConfig, info: DistInfo) -> int:  # pragma: no mutate blo
 def micro_rows(t: TrainConfig, info: DistInfo) -> list[torch.Tensor]:
     """Positions in the global batch of this rank's micro-batches: rank r holds r, r + k, r + 2k, ... (k
     processes), and gradient accumulation cuts that share into consecutive micro-batches."""
-    return list(torch.arange(info.rank, t.batch_size, info.world_size).chunk(t.grad_accum))
+    # on the training device: the draws keep these rows of the global batch's draws without a copy from the host
+    return list(torch.arange(info.rank, t.batch_size, info.world_size, device=info.device).chunk(t.grad_accum))
 
 def compile_networks(model: ELBOModel, backend: str) -> None:
     """torch.compile each network of the model in place (state-dict names unchanged; the objective's math and its
