@@ -12,6 +12,8 @@ What it guarantees (tests/test_train*.py check each point with real runs):
   number, as a shell does). A full disk during a save keeps the previous checkpoint and says so. A NaN/Inf in a
   loss term or the gradient stops the run naming the step and the term, the last checkpoint untouched; with
   ``on_nonfinite="skip"`` the step's update is skipped instead (the step still counts) and the skips are counted.
+  On a GPU the check is decided on the device and read back a step later (``defer_checks``), so that the host
+  never waits for the step it has just queued; the run, and what it says, stay the same.
 - Speed and scale. ``precision`` fp32/bf16/fp16 (torch.amp autocast; fp16 with a gradient scaler), torch.compile
   of the networks, channels-last, TF32 on GPUs, gradient accumulation. Under torchrun
   (``torchrun --nproc_per_node 8 -m elbox train --batch-size 256 ...``; add ``--nnodes``/``--rdzv-endpoint`` for
@@ -36,8 +38,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -82,6 +82,7 @@ from elbox.training.outputs import (
     write_samples,
 )
 from elbox.training.session import DATA_KINDS, Run, build_model, check_setup, resolve, resolve_precision, set_up
+from elbox.training.signals import StopSignal
 
 SKIPPED_FILES = "skipped-files.txt"
 
@@ -180,7 +181,7 @@ def _loop(run: Run) -> _LoopEnd:  # pragma: no mutate block
     stopped_by: str | None = None
     queued: StepOutcome | None = None  # a step not read back yet
     try:
-        with _StopSignal() as stop:
+        with StopSignal() as stop:
             while run.step < t.steps:
                 done = train_step(run.step, next(batches), t=t, model=run.model, loss_module=run.loss_module,
                                   optimizer=run.optimizer, scaler=run.scaler, ema=run.ema, info=info,
@@ -466,36 +467,3 @@ def _nonfinite_where(terms_seen: list[Terms]) -> str:
         if not torch.isfinite(terms.loss).all():
             return "the loss"
     return "the gradient"
-
-
-class _StopSignal:  # pragma: no mutate block
-    """Turns the first SIGINT/SIGTERM into a flag the loop checks after each step (then it saves and stops); a
-    second one acts as if elbox had not caught the first (Ctrl-C twice: stop now)."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignal":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def requested(self) -> bool:
-        return self.received is not None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is None:
-            self.received = signal.Signals(signum).name
-            return
-        self._restore()
-        os.kill(os.getpid(), signum)
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def __exit__(self, *exc: Any) -> None:
-        self._restore()
