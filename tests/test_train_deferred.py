@@ -1,7 +1,8 @@
 """The trainer's GPU way of checking a step, forced on the CPU (``loop.defer_checks``): a step is queued without
 reading anything back (a read waits for the GPU), its NaN/Inf check is decided on the device (the fused AdamW's
 ``found_inf``, the EMA's zero weight) and read after the next step is queued. It must train the same model and say
-the same things as the CPU's step-by-step check. ``benchmarks/gpu_check.py`` checks the same on a GPU with CUDA's
+the same things as the CPU's step-by-step check. Sampling and the bound, too, must not wait for the device at each
+step. ``benchmarks/gpu_check.py`` checks the same on a GPU with CUDA's
 own sync detector (``torch.cuda.set_sync_debug_mode``)."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 from elbox import checkpoint as ckpt
 from elbox.config import DataConfig, RunConfig, TrainConfig
 from elbox.errors import UserError
-from elbox.objectives.ddpm import DDPMConfig
+from elbox.objectives.ddpm import DDPM, DDPMConfig
 from elbox.objectives.latent import LDMConfig
 from elbox.objectives.vae import VAEConfig
 from elbox.training import loop
@@ -27,7 +28,8 @@ READS = {"__bool__", "item", "tolist", "__float__", "__int__", "__index__", "num
 
 
 class ReadsBack(TorchFunctionMode):
-    """Records each read of a tensor's value into Python (on a GPU: a host synchronisation)."""
+    """Records each read of a tensor's value into Python, and each ``torch.tensor(..., device=...)`` (a copy from
+    the host): on a GPU, each waits for the device."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -35,7 +37,7 @@ class ReadsBack(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in READS:
+        if name in READS or (name == "tensor" and (kwargs or {}).get("device") is not None):
             self.reads.append(name)
         return func(*args, **(kwargs or {}))
 
@@ -63,6 +65,19 @@ def watch(monkeypatch) -> list[tuple]:
     monkeypatch.setattr(loop, "train_step", train_step)
     monkeypatch.setattr(loop.StepOutcome, "settle", settle)
     return events
+
+
+def test_sampling_and_the_bound_read_nothing_back():
+    """A 1000-step chain that waited for the GPU at each step would idle it between steps: no reads, no tensors
+    made from host values on the device, in ancestral and DDIM sampling and in the bound's per-timestep loop."""
+    torch.manual_seed(0)
+    ddpm = DDPM(DDPMConfig(net="micro", timesteps=20, data_kind="8bit"), (1, 8, 8)).eval()
+    x = torch.rand(4, 1, 8, 8).mul(255).round().div(127.5).sub(1)
+    with torch.no_grad(), ReadsBack() as mode:
+        ddpm.sample(4, generator=torch.Generator().manual_seed(0))
+        ddpm.sample(4, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=5, eta=0.5)
+        ddpm.bound(x, generator=torch.Generator().manual_seed(0))
+    assert mode.reads == []
 
 
 def tiny(model: str, model_config, **train) -> RunConfig:

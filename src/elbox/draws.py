@@ -100,8 +100,13 @@ def multinomial(probs: Tensor, n: int) -> Tensor:
 # ------------------------------------------------------------------------- seeded draws for sampling/evaluation
 def _from(fn, generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device | str,
           dtype: torch.dtype | None) -> Tensor:
-    gen_device = generator.device if generator is not None else device
+    gen_device = generator.device if generator is not None else torch.device(device)
     # drawn in float32 and then cast: the same numbers on any device and at any precision (up to the cast)
+    if gen_device.type == "cpu" and torch.device(device).type == "cuda":
+        # into pinned memory and over without waiting: a plain copy from the host waits for all the GPU's queued
+        # work, once per sampling step (the host then draws the next step's noise while the GPU runs this one)
+        x = fn(shape, generator=generator, dtype=torch.float32, pin_memory=True)
+        return x.to(device, non_blocking=True).to(dtype or torch.float32)
     return fn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device=device, dtype=dtype)
 
 

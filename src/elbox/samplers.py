@@ -42,7 +42,7 @@ def ancestral_sample(
         x = randn_from(generator, shape, device, dtype)
         T = diffusion.num_timesteps
         for i in reversed(range(T)):
-            t = torch.tensor(i, device=device)  # one t for the batch: the net embeds it once
+            t = torch.full((), i, device=device)  # one t for the batch; a fill, not a host copy
             out = diffusion.p_mean_variance(net, x, t, clip_denoised=clip_denoised)
             if i > 0:
                 x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * randn_from(generator, shape, device, dtype)
@@ -90,7 +90,7 @@ def ddim_sample(
         abar = diffusion.alphas_cumprod.to(device)
         x = randn_from(generator, shape, device, dtype)
         for k, i in enumerate(tau):
-            t = torch.tensor(i, device=device)  # one t for the batch: the net embeds it once
+            t = torch.full((), i, device=device)  # one t for the batch; a fill, not a host copy
             out = diffusion.p_mean_variance(net, x, t, clip_denoised=clip_denoised)
             x0_hat = out["pred_x_start"]
             eps_hat = diffusion.predict_noise_from_start(x, t, x0_hat)

@@ -200,7 +200,7 @@ class DDPM(ELBOModel):
             d = self.diffusion
             per_step = []
             for i in range(d.num_timesteps):
-                t = torch.tensor(i, device=x.device)  # one t for the batch: the net embeds it once
+                t = torch.full((), i, device=x.device)  # one t for the batch; a fill, not a host copy
                 x_t = d.q_sample(x, t, draws.randn_from(generator, x.shape, x.device, x.dtype))
                 l_t, _ = d.vlb_terms(self.net, x, x_t, t, clip_denoised=self.clip_denoised)
                 per_step.append(l_t.float())
@@ -227,7 +227,7 @@ class DDPM(ELBOModel):
             log_w = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
             x_prev = x
             for i in range(d.num_timesteps):  # index i: the paper's t = i + 1
-                t = torch.tensor(i, device=x.device)  # one t for the batch: the net embeds it once
+                t = torch.full((), i, device=x.device)  # one t for the batch; a fill, not a host copy
                 noise = draws.randn_from(generator, x.shape, x.device, x.dtype)
                 # q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I), Ho et al. eq. 2
                 mean_q = d._extract(torch.sqrt(1.0 - d.betas), t, x) * x_prev
