@@ -92,8 +92,10 @@ def test_sample_grids_are_listed_in_natural_order(runs, tmp_path):
     assert captions == ["samples-prior-seed0.png", "samples-prior-seed0-1.png", "samples-prior-seed10.png"]
 
     names = ["samples-prior-seed10.png", "samples-prior-seed0-1.png", "samples-prior-seed2.png",
-             "samples-prior-seed0.png", "samples-prior-ddim50-seed0.png"]
+             "samples-prior-seed0.png", "samples-prior-ddim50-seed0.png", "samples-prior-ddim50-eta0.5-seed0.png",
+             "samples-prior-ddim50-eta0.25-seed0.png"]
     assert [n for n in sorted(names, key=lambda n: _natural_order(Path(n)))] == [
+        "samples-prior-ddim50-eta0.25-seed0.png", "samples-prior-ddim50-eta0.5-seed0.png",
         "samples-prior-ddim50-seed0.png", "samples-prior-seed0.png", "samples-prior-seed0-1.png",
         "samples-prior-seed2.png", "samples-prior-seed10.png"]
 

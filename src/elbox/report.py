@@ -46,8 +46,10 @@ def _step_of(evaluation: dict[str, Any]) -> int:
 
 
 def _natural_order(path: Path) -> list:
-    """seed2 before seed10, and a first grid (samples-prior-seed0.png) before its repeat (samples-prior-seed0-1)."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.stem)]
+    """seed2 before seed10, eta0.25 before eta0.5, and a first grid (samples-prior-seed0.png) before its repeat
+    (samples-prior-seed0-1)."""
+    return [(0, float(part), "") if part[:1].isdigit() else (1, 0.0, part)
+            for part in re.split(r"(\d+(?:\.\d+)?)", path.stem)]
 
 
 def _img(png: bytes, alt: str) -> str:
