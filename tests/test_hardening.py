@@ -135,13 +135,15 @@ def test_a_sample_grid_is_named_for_what_drew_it(tiny_run, tmp_path, capsys):
     checkpoints = sorted((tiny_run / "checkpoints").iterdir())
     for flags, run in (([], tiny_run), (["--sampler", "ddim", "--sampling-steps", "3"], tiny_run),
                        (["--sampler", "ddim", "--sampling-steps", "3", "--eta", "0.5"], tiny_run),
-                       (["--sampler", "ddim"], tiny_run), (["--no-ema", "--seed", "2"], tiny_run),
+                       (["--sampler", "ddim"], tiny_run), (["--sampler", "ddim", "--sampling-steps", "5"], tiny_run),
+                       (["--no-ema", "--seed", "2"], tiny_run),
                        (["--sampler", "ddim", "--sampling-steps", "3"], checkpoints[0])):
         assert main(["sample", str(run), "--num", "2", "--out", str(folder), *flags]) == 0
     capsys.readouterr()
     assert sorted(p.name for p in folder.iterdir()) == sorted([
         "samples-prior-seed0.png", "samples-prior-ddim3-seed0.png", "samples-prior-ddim3-eta0.5-seed0.png",
-        "samples-prior-ddim-seed0.png", "samples-prior-noema-seed2.png",
+        "samples-prior-ddim5-seed0.png", "samples-prior-ddim5-seed0-1.png",  # all T = 5 steps, twice the same
+        "samples-prior-noema-seed2.png",
         f"samples-prior-ddim3-{checkpoints[0].name}-seed0.png"])
 
 

@@ -212,11 +212,13 @@ def _publish(write, path: Path) -> Path:
 
 def sample_file_name(model: ELBOModel, cfg: SampleConfig, checkpoint: str | None = None) -> str:
     """``samples-MODE[-ddimN[-etaE]][-noema][-step-N]-seedS.png``: what drew the grid, in its name; the defaults
-    (ancestral, EMA weights, a run folder rather than one of its checkpoints) add nothing."""
+    (ancestral, EMA weights, a run folder rather than one of its checkpoints) add nothing. DDIM without
+    ``--sampling-steps`` runs all T steps and is named ddimT, as the same draw asked for with T steps is."""
     options = sampler_options(model, cfg)
     parts = [cfg.mode]
     if options.get("sampler") == "ddim" and cfg.mode == "prior":  # the other modes do not sample a chain
-        parts.append(f"ddim{options['steps'] or ''}" + (f"-eta{options['eta']:g}" if options["eta"] else ""))
+        steps = options["steps"] or model.config.timesteps  # type: ignore[attr-defined]  # ddim: a DDPM or LDM
+        parts.append(f"ddim{steps}" + (f"-eta{options['eta']:g}" if options["eta"] else ""))
     if not cfg.ema:
         parts.append("noema")
     if checkpoint:
