@@ -111,3 +111,22 @@ def test_a_nan_on_one_process_skips_the_step_on_every_process_and_names_the_othe
         assert digests["0"] == digests["1"], (step, digests)
     assert max_abs_diff(checkpoint(two, 2), checkpoint(two, 3), "model") == 0.0  # step 3's update was skipped
     assert max(max_abs_diff(checkpoint(one, 4), checkpoint(two, 4), name) for name in ("model", "ema")) < 1e-5
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_stop_on_one_process_stops_every_process_at_the_same_step(tmp_path, deferred):
+    """Rank 1 is asked to stop during step 3: every process finishes that step and stops, saving it. With the GPU's
+    deferred checks the flag is read a step late, so the processes stop after step 4 instead, and step 4 (whose NaN
+    on rank 0 is skipped) is read before the last checkpoint is written."""
+    script = Path(__file__).with_name("ddp_stop_on_one_rank.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(script), str(tmp_path / "run"), *(["deferred"] if deferred else [])],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    if deferred:
+        assert result == {"step": 4, "stopped_by": "SIGTERM", "skipped": 1, "checkpoints": ["step-0000004"],
+                          "nonfinite": [[4, "the prior term L_T"]]}
+    else:
+        assert result == {"step": 3, "stopped_by": "SIGTERM", "skipped": 0, "checkpoints": ["step-0000003"],
+                          "nonfinite": []}

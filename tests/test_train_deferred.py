@@ -90,10 +90,10 @@ def test_a_step_is_queued_without_a_read_and_read_back_after_the_next(monkeypatc
     """DDPM, VAE and latent diffusion (the LSGM end-to-end one): no read inside a step; a step is read back only
     after the next one is queued, except where its results are needed (a metrics line, a checkpoint, the end)."""
     vae = tmp_path / "vae"
-    runs = [(tiny("ddpm", DDPMConfig(net="micro", timesteps=20), steps=12, log_every=5, checkpoint_every=8), tmp_path / "ddpm"),
-            (tiny("vae", VAEConfig(hidden=(16,), latent_dim=3), steps=12, log_every=5, checkpoint_every=8), vae),
-            (tiny("ldm", LDMConfig(vae=str(vae), timesteps=10, end_to_end=True), steps=12, log_every=5,
-                  checkpoint_every=8), tmp_path / "ldm")]
+    every = {"steps": 12, "log_every": 5, "checkpoint_every": 8}
+    runs = [(tiny("ddpm", DDPMConfig(net="micro", timesteps=20), **every), tmp_path / "ddpm"),
+            (tiny("vae", VAEConfig(hidden=(16,), latent_dim=3), **every), vae),
+            (tiny("ldm", LDMConfig(vae=str(vae), timesteps=10, end_to_end=True), **every), tmp_path / "ldm")]
     for cfg, out in runs:
         events = watch(monkeypatch)
         train(cfg, out)
@@ -112,7 +112,8 @@ def test_a_step_is_queued_without_a_read_and_read_back_after_the_next(monkeypatc
         monkeypatch.setattr(loop, "defer_checks", lambda run: True)
 
 
-@pytest.mark.parametrize("bad,skip", [({2: "term", 4: "grad"}, {}), ({3: "loss", 4: "term", 5: "grad"}, {"max_skips": 3})])
+@pytest.mark.parametrize("bad,skip", [({2: "term", 4: "grad"}, {}),
+                                      ({3: "loss", 4: "term", 5: "grad"}, {"max_skips": 3})])
 def test_deferred_checks_train_the_same_model_and_say_the_same(monkeypatch, tmp_path, bad, skip):
     """Skipped steps (the deferred check decided on the device) give the CPU check's weights bit for bit, its EMA
     to float rounding (a multiply and an add instead of one fused lerp), and the same metrics lines; three bad steps
@@ -159,6 +160,16 @@ def test_a_nan_read_late_still_stops_at_its_step_and_saves_nothing_after_it(monk
     assert ("queued", 7) not in order
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-0000003"]
     assert metrics(run)[-1] == {"step": bad_step, "nonfinite": "the prior term L_T", "stopped": True}
+
+
+def test_only_batches_the_trainer_made_from_images_skip_the_range_check(tmp_path):
+    """The trainer maps 8-bit images into the model's range itself, so the VAE's min/max check (a read) is left out
+    for them; vector data passes as it is, and a Bernoulli VAE on the moons is refused before it trains."""
+    cfg = dataclasses.replace(tiny("vae", VAEConfig(hidden=(16,), latent_dim=2), steps=3),
+                              data=DataConfig(data="toy2d:moons"))
+    with pytest.raises(UserError, match=r"bernoulli decoder models data in \[0, 1\]"):
+        train(cfg, tmp_path / "moons")
+    assert not list((tmp_path / "moons").glob("checkpoints/*"))
 
 
 def test_a_sigint_stops_after_its_step_when_checks_are_deferred(monkeypatch, tmp_path, deferred):

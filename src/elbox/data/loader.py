@@ -117,7 +117,7 @@ class InMemoryLoader:
         """A CPU index on the loader's device. To a GPU through pinned memory, without waiting: a plain copy from
         the host waits for everything queued on the device, and the trainer queues a step ahead."""
         if self.device.type == "cuda":
-            return index.pin_memory().to(self.device, non_blocking=True)
+            return index.contiguous().pin_memory().to(self.device, non_blocking=True)  # (a rank's share is strided)
         return index.to(self.device)
 
     def forever(self) -> Iterator[Any]:

@@ -8,12 +8,13 @@ What it guarantees (tests/test_train*.py check each point with real runs):
   rank's RNG state, so on the CPU N steps + ``--resume`` + N steps give bit-identical weights to 2N steps. Sample
   grids and evaluation use their own generators under ``fork_rng``: they never move the training stream.
 - Faults. Checkpoints are atomic, so a SIGKILL at any moment loses at most the steps since the last checkpoint.
-  SIGINT/SIGTERM finish the current step, save a checkpoint and stop (the CLI then exits with 128 + the signal's
-  number, as a shell does). A full disk during a save keeps the previous checkpoint and says so. A NaN/Inf in a
-  loss term or the gradient stops the run naming the step and the term, the last checkpoint untouched; with
-  ``on_nonfinite="skip"`` the step's update is skipped instead (the step still counts) and the skips are counted.
-  On a GPU the check is decided on the device and read back a step later (``defer_checks``), so that the host
-  never waits for the step it has just queued; the run, and what it says, stay the same.
+  SIGINT/SIGTERM finish the current step (under torchrun on GPUs, the next one), save a checkpoint and stop (the
+  CLI then exits with 128 + the signal's number, as a shell does). A full disk during a save keeps the previous
+  checkpoint and says so. A NaN/Inf in a loss term or the gradient stops the run naming the step and the term, the
+  last checkpoint untouched; with ``on_nonfinite="skip"`` the step's update is skipped instead (the step still
+  counts) and the skips are counted. On a GPU the check is decided on the device and read back a step later
+  (``defer_checks``), so that the host never waits for the step it has just queued; what the run does and says
+  stays the same (but for the torchrun stop above).
 - Speed and scale. ``precision`` fp32/bf16/fp16 (torch.amp autocast; fp16 with a gradient scaler), torch.compile
   of the networks, channels-last, TF32 on GPUs, gradient accumulation. Under torchrun
   (``torchrun --nproc_per_node 8 -m elbox train --batch-size 256 ...``; add ``--nnodes``/``--rdzv-endpoint`` for
@@ -207,7 +208,8 @@ def _loop(run: Run) -> _LoopEnd:  # pragma: no mutate block
 def defer_checks(run: Run) -> bool:  # pragma: no mutate block
     """Whether a step's NaN/Inf check is decided on the device and read back later (see ``_loop``): on a GPU,
     with the fused optimizer (it skips an update itself when told so by a flag on the device) and without fp16's
-    grad scaler (which reads its own flag). On a CPU a read costs nothing: each step is read as it ends."""
+    grad scaler (which reads its own flag). On a CPU a read costs nothing: each step is read as it ends. (The
+    ``importance`` timestep sampler still reads its loss history back at each step, as improved-diffusion's does.)"""
     return (run.info.device.type == "cuda" and bool(run.optimizer.defaults.get("fused"))
             and run.cfg.train.precision != "fp16")
 
@@ -391,9 +393,10 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
         # DDP all-reduces the gradients once, on the last micro-batch
         last = micro == t.grad_accum - 1
         sync = loss_module.no_sync() if info.enabled and not last else contextlib.nullcontext()
+        # _to_model maps 8-bit images into the model's range; vectors pass as they are and are checked
+        made = contextlib.nullcontext() if x_uint8.is_floating_point() else batches_made_in_range()
         with sync:
-            with (draws.global_batch(step_seed, rows, t.batch_size), devices.autocast(t.precision, info.device),
-                  batches_made_in_range()):  # _to_model makes x in the model's range
+            with draws.global_batch(step_seed, rows, t.batch_size), devices.autocast(t.precision, info.device), made:
                 x = _to_model(x_uint8, model.data_range, t.channels_last)
                 loss, terms = loss_module(x, step)
             scaler.scale(loss / t.grad_accum).backward()
@@ -402,8 +405,8 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
 
     # One check (and, under torchrun, one tiny all-reduce) per step: NaN/Inf here or on any rank, and a stop
-    # signal on any rank, read now: one that arrived during this step stops the run after it, not after the next.
-    # fp16's gradient overflows are the grad scaler's to handle.
+    # signal on any rank: one that arrived during this step stops the run after it (deferred under torchrun, the
+    # flag is read a step late: after the next). fp16's gradient overflows are the grad scaler's to handle.
     total = sum(tm.loss.detach().sum() + tm.nll.detach().sum() for tm in terms_seen)  # NaN/Inf spreads
     finite = torch.isfinite(total)
     if t.precision != "fp16":
@@ -412,7 +415,7 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
         # the same decision, made on the device: the fused optimizer skips its update when found_inf is 1 (as it
         # does under a grad scaler) and the EMA adds nothing; the flags are read after the next step is queued
         bad = (~finite).to(torch.float32)
-        stop = torch.full((), float(stop_requested()), device=bad.device)  # a fill: no copy from the host
+        stop = torch.full((), float(stop_requested()), dtype=bad.dtype, device=bad.device)  # a fill, not a copy
         anywhere = any_rank_on_device(torch.stack([bad, stop]), info)
         optimizer.found_inf = anywhere[0]
         try:
