@@ -124,7 +124,7 @@ def test_the_importance_weighted_estimate_reports_each_chunk_and_what_a_sample_c
     ETA within a batch: K = 5000 trajectories of a DDPM is hours) and returns the same estimate as without it;
     ``iwae_passes`` is the network passes one importance sample costs (a DDPM's whole T-step trajectory)."""
     model = _every_model()[kind].eval()
-    x = torch.zeros(3, *model.data_shape)
+    x = torch.full((3, *model.data_shape), 1 / 255)  # on the 8-bit grid of [-1, 1], and in [0, 1]
     calls = []
     with torch.no_grad():
         got = model.iwae_bound(x, 7, chunk=3, generator=torch.Generator().manual_seed(1), progress=calls.append)
@@ -242,14 +242,34 @@ def test_each_column_of_a_term_has_a_label():
 
 def test_the_ddpm_bound_labels_its_timesteps():
     model = small_models()["ddpm"].eval()
-    bound = model.bound(torch.zeros(2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    bound = model.bound(torch.full((2, 1, 8, 8), 1 / 255), generator=torch.Generator().manual_seed(0))
     labels, values = bound.per_step()
     assert labels == ["L_0", "L_1", "L_2", "L_3", "L_4", "L_T"]  # T = 5: L_0, the KLs L_1 .. L_{T-1}, L_T
     torch.testing.assert_close(values.sum(1), bound.nll)
 
 
+def test_a_ddpm_on_8bit_data_refuses_values_off_its_grid():
+    """Its L_0 is a discrete likelihood over the 256 levels of [-1, 1] (Ho et al. eq. 13): a [0, 1] image (half its
+    values between two levels) or [0, 255] values is one line, not a plausible-looking bits/dim; a continuous DDPM
+    takes any values."""
+    model = small_models()["ddpm"].eval()
+    images = torch.randint(0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)).float()
+    verbs = (lambda x: model.bound(x), lambda x: model.iwae_bound(x, 2), lambda x: model.losses(x, step=0))
+    half_off = r"got values in \[0[.0-9]*, [.0-9]+\], off the grid by up to 0.5 of a level; .*x \* 2 - 1$"
+    for bad, words in ((images / 255, half_off),
+                       (images, r"got values in \[[0-9]+, 2[0-9][0-9]\]; ")):
+        for verb in verbs:
+            with pytest.raises(UserError, match=r"^this ddpm \(data_kind='8bit'\) models 8-bit data on the grid of "
+                                                r"\[-1, 1\] \(k/127.5 - 1, k = 0..255\); " + words):
+                verb(bad)
+    for verb in verbs:
+        verb(images / 127.5 - 1)
+    continuous = DDPM(DDPMConfig(data_kind="continuous", net="micro", timesteps=5), (1, 8, 8))
+    continuous.bound(images / 255)
+
+
 def test_the_loss_says_its_unit():
-    x = torch.zeros(2, 1, 8, 8)
+    x = torch.full((2, 1, 8, 8), 1 / 255)  # on the 8-bit grid
     units = {}
     for loss, var in (("simple", "fixed_large"), ("vlb", "learned"), ("hybrid", "learned")):
         model = DDPM(DDPMConfig(data_kind="8bit", net="micro", timesteps=5, loss=loss, var_type=var), (1, 8, 8))

@@ -376,7 +376,7 @@ def test_the_ddpms_importance_weighted_estimate_is_the_log_mean_exp_of_its_traje
 
     torch.manual_seed(0)
     model = DDPM(DDPMConfig(timesteps=4, net="micro", data_kind="8bit"), (1, 8, 8))
-    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    x = (torch.rand(3, 1, 8, 8) * 255).round() / 127.5 - 1  # on the 8-bit grid
     got = model.iwae_bound(x, 6, generator=torch.Generator().manual_seed(7), chunk=4)
     g = torch.Generator().manual_seed(7)  # the same draws, in the same chunks (4, then 2)
     w = torch.cat([model.trajectory_log_weight(x.repeat(n, 1, 1, 1), generator=g).view(n, 3) for n in (4, 2)])

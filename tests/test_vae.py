@@ -322,7 +322,7 @@ def test_each_decoder_declares_its_data_range_and_decodes_into_it(decoder, data_
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 7, 5), (2, 28, 28)])
 def test_conv_networks_take_any_image_size(shape):
     vae = VAE(VAEConfig(arch="conv", decoder="discretized-logistic", **SMALL), shape)
-    x = torch.rand(3, *shape) * 2 - 1
+    x = (torch.rand(3, *shape) * 255).round() / 127.5 - 1  # 8-bit images in [-1, 1]
     assert vae.reconstruct(x).shape == x.shape
     assert vae.decoder_params(torch.randn(3, 8)).shape == (3, 2 * shape[0], *shape[1:])  # location, log-scale
     assert vae.interpolate(x[0], x[1], 5).shape == (5, *shape)
@@ -424,8 +424,13 @@ def test_bad_data_and_k_raise_one_line_user_errors():
     with pytest.raises(UserError, match="arch 'conv' needs image data"):
         VAE(VAEConfig(arch="conv"), (10,))
     symmetric = VAE(VAEConfig(decoder="discretized-logistic", **SMALL), (1, 8, 8))
-    with pytest.raises(UserError, match="discretized-logistic decoder models data in"):
+    with pytest.raises(UserError, match=r"discretized-logistic decoder models 8-bit data on the grid of \[-1, 1\] "
+                                        r"\(k/127.5 - 1, k = 0..255\); got values in \[[0-9.]+, [0-9.]+\]; "):
         symmetric.bound(torch.rand(2, 1, 8, 8) * 3)
+    # a [0, 1] image (k/255) lies in [-1, 1] but half off its grid: its discrete likelihood would be of nothing
+    with pytest.raises(UserError, match=r"off the grid by up to 0.5 of a level; .* maps onto it by x \* 2 - 1$"):
+        symmetric.bound((torch.rand(2, 1, 8, 8) * 255).round() / 255)
+    symmetric.bound((torch.rand(2, 1, 8, 8) * 255).round() / 255 * 2 - 1)  # mapped: on the grid
 
 
 def test_every_registered_decoder_is_a_config_choice():

@@ -43,6 +43,26 @@ MIN_LOG_SCALE = -7.0
 BINS = 256
 
 
+def check_on_grid(x: Tensor, who: str) -> None:
+    """Raise UserError unless x lies on the 8-bit grid of [-1, 1] (k/127.5 - 1, k = 0..255): a discrete likelihood
+    of other values is a likelihood of nothing (a [0, 1] image, k/255, is half off this grid, and its bits/dim
+    would look plausible). The grid is checked as far as x's precision holds it (bfloat16 cannot: its spacing near
+    1 is a level's). One read back of three numbers."""
+    if x.numel() == 0:
+        return
+    u = (x.detach().double() + 1.0) * ((BINS - 1) / 2)  # in levels: whole numbers on the grid
+    lo, hi, off = torch.stack([x.detach().min().double(), x.detach().max().double(),
+                               (u - u.round()).abs().max()]).tolist()
+    tolerance = max(1e-3, torch.finfo(x.dtype).eps * (BINS - 1))  # two ulps near 1, in levels
+    if lo >= -1.0 and hi <= 1.0 and off <= tolerance:
+        return
+    got = (f"values in [{lo:g}, {hi:g}]" if lo < -1.0 or hi > 1.0
+           else f"values in [{lo:g}, {hi:g}], off the grid by up to {off:.2g} of a level")
+    hint = "; a [0, 1] image x (k/255) maps onto it by x * 2 - 1" if lo >= 0.0 and hi <= 1.0 else ""
+    raise UserError(f"{who} models 8-bit data on the grid of [-1, 1] (k/127.5 - 1, k = 0..255); got {got}; "
+                    f"elbox.data.transforms.to_model(images, 'symmetric') makes such a batch from uint8 images{hint}")
+
+
 def discretized_logistic_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor, bins: int = BINS) -> Tensor:
     """log P(x) of a Logistic(mean, e^log_scale) discretized to ``bins`` levels on [-1, 1], element-wise.
 
@@ -194,24 +214,30 @@ class Gaussian(LocationScale):
         return gaussian_log_prob(x, loc, 2.0 * log_sigma)
 
 
-class DiscretizedGaussian(LocationScale):
+class Discretized(LocationScale):
+    """A location-scale density integrated over the 8-bit bins of [-1, 1]: its data must lie on that grid."""
+
+    data_range = "symmetric"
+    low, high = -1.0, 1.0
+
+    def check_data(self, x: Tensor) -> None:
+        check_on_grid(x, f"the {self.name} decoder")
+
+
+class DiscretizedGaussian(Discretized):
     """The Gaussian integrated over the 8-bit bins of [-1, 1] (``discretized_gaussian_log_likelihood``)."""
 
     name = "discretized-gaussian"
-    data_range = "symmetric"
-    low, high = -1.0, 1.0
 
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         loc, log_sigma = self.split(params)
         return discretized_gaussian_log_likelihood(x, loc, log_sigma.expand_as(x), bins=BINS)
 
 
-class DiscretizedLogistic(LocationScale):
+class DiscretizedLogistic(Discretized):
     """The logistic integrated over the 8-bit bins of [-1, 1] (``discretized_logistic_log_likelihood``)."""
 
     name = "discretized-logistic"
-    data_range = "symmetric"
-    low, high = -1.0, 1.0
 
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         loc, log_sigma = self.split(params)

@@ -412,19 +412,8 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
     if t.precision != "fp16":
         finite = finite & torch.isfinite(grad_norm)
     if deferred:
-        # the same decision, made on the device: the fused optimizer skips its update when found_inf is 1 (as it
-        # does under a grad scaler) and the EMA adds nothing; the flags are read after the next step is queued
-        bad = (~finite).to(torch.float32)
-        stop = torch.full((), float(stop_requested()), dtype=bad.dtype, device=bad.device)  # a fill, not a copy
-        anywhere = any_rank_on_device(torch.stack([bad, stop]), info)
-        optimizer.found_inf = anywhere[0]
-        try:
-            scaler.step(optimizer)  # not fp16 here: the scaler is off and this is optimizer.step()
-        finally:
-            del optimizer.found_inf
-        if ema is not None:
-            ema.update(model, skip=anywhere[0] != 0)
-        flags = torch.cat([bad.reshape(1), anywhere])
+        flags = _update_on_device(finite, stop_requested(), model=model, optimizer=optimizer, scaler=scaler,
+                                  ema=ema, info=info)
     else:
         bad_here = not bool(finite)
         bad, stop_now = any_rank([bad_here, stop_requested()], info)
@@ -436,6 +425,24 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return StepOutcome(step=step + 1, terms=terms_seen, lr=lr, grad_norm=grad_norm, flags=flags)
+
+
+def _update_on_device(finite: torch.Tensor, stop_here: bool, *, model: ELBOModel, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler, ema: EMA | None, info: DistInfo) -> torch.Tensor:
+    """``train_step``'s update with its NaN/Inf decision made on the device: the fused optimizer skips its update
+    when found_inf is 1 (as it does under a grad scaler) and the EMA adds nothing. Nothing is read back; the
+    step's flags are returned, to be read after the next step is queued."""
+    bad = (~finite).to(torch.float32)
+    stop = torch.full((), float(stop_here), dtype=bad.dtype, device=bad.device)  # a fill, not a copy from the host
+    anywhere = any_rank_on_device(torch.stack([bad, stop]), info)
+    optimizer.found_inf = anywhere[0]
+    try:
+        scaler.step(optimizer)  # not fp16 here: the scaler is off and this is optimizer.step()
+    finally:
+        del optimizer.found_inf
+    if ema is not None:
+        ema.update(model, skip=anywhere[0] != 0)
+    return torch.cat([bad.reshape(1), anywhere])
 
 
 # ------------------------------------------------------------------------------------------------ helpers
