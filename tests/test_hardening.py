@@ -43,10 +43,18 @@ def tiny_run(tmp_path_factory):
     (["--data", "nosuchset"], "nosuchset"),
     (["--channels", "2"], "channels"),
     (["--compile", "--compile-backend", "nobackend"], "compile_backend"),
+    # vectors a likelihood cannot take: refused before anything is written (they failed at the first step)
+    (["--data", "toy2d:moons", "--data-kind", "8bit", "--net", "mlp"],
+     "the training data toy2d:moons: this ddpm (data_kind='8bit') models 8-bit data on the grid of [-1, 1]"),
+    (["vae", "--data", "toy2d:moons", "--decoder", "discretized-logistic"],
+     "the training data toy2d:moons: the discretized-logistic decoder models 8-bit data on the grid"),
+    (["vae", "--data", "toy2d:moons"], "the training data toy2d:moons: the bernoulli decoder models data in [0, 1]"),
 ])
 def test_a_failed_start_creates_nothing(tmp_path, capsys, flags, words):
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), *TINY, *flags]) == 2
+    model, flags = (flags[:1], flags[1:]) if flags[0] == "vae" else ([], flags)
+    tiny = ["--steps", "2", "--batch-size", "8", "--quiet"] if model else TINY
+    assert main(["train", *model, "--out", str(out), *tiny, *flags]) == 2
     assert words in one_line(capsys)
     assert not out.exists()  # the corrected command is not refused for a folder the mistake made
 

@@ -454,3 +454,17 @@ def test_reconstruct_is_the_vaes():
     model = LDM(LDMConfig(timesteps=4, net="mlp", latent_scale=2.0), vae.data_shape, vae=vae).eval()
     x = torch.rand(5, 3)
     assert torch.equal(model.reconstruct(x), vae.reconstruct(x))
+
+
+def test_latent_diffusion_checks_its_batch_as_its_vae_does():
+    """Its data is its VAE's: over a discretized decoder, a [0, 1] image (half off the 8-bit grid of [-1, 1]) is
+    refused by every verb, as the VAE refuses it, not given a plausible-looking bound."""
+    vae = VAE(VAEConfig(decoder="discretized-logistic", arch="mlp", hidden=(16,), latent_dim=3), (1, 8, 8))
+    ldm = LDM(LDMConfig(timesteps=4, latent_scale=0.5), (1, 8, 8), vae=vae)
+    x = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    for verb in (ldm.bound, lambda x: ldm.iwae_bound(x, 2), lambda x: ldm.losses(x, step=0)):
+        with pytest.raises(UserError, match="^the discretized-logistic decoder models 8-bit data on the grid"):
+            verb(x)
+        verb(x * 2 - 1)
+    with pytest.raises(UserError, match="got non-finite values"):
+        ldm.bound(torch.full((2, 1, 8, 8), float("nan")))

@@ -98,6 +98,7 @@ def test_sample_grids_are_listed_in_natural_order(runs, tmp_path):
         "samples-prior-ddim50-eta0.25-seed0.png", "samples-prior-ddim50-eta0.5-seed0.png",
         "samples-prior-ddim50-seed0.png", "samples-prior-seed0.png", "samples-prior-seed0-1.png",
         "samples-prior-seed2.png", "samples-prior-seed10.png"]
+    assert _natural_order(Path("samples-seed1\u00b2x.png"))  # after a number, a digit-like character, not a number
 
 
 def test_a_run_with_one_logged_point_shows_on_the_side_by_side_plot():

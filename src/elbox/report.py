@@ -48,8 +48,8 @@ def _step_of(evaluation: dict[str, Any]) -> int:
 def _natural_order(path: Path) -> list:
     """seed2 before seed10, eta0.25 before eta0.5, and a first grid (samples-prior-seed0.png) before its repeat
     (samples-prior-seed0-1)."""
-    return [(0, float(part), "") if part[:1].isdigit() else (1, 0.0, part)
-            for part in re.split(r"(\d+(?:\.\d+)?)", path.stem)]
+    parts = re.split(r"(\d+(?:\.\d+)?)", path.stem)  # the numbers at odd places
+    return [(0, float(part), "") if i % 2 else (1, 0.0, part) for i, part in enumerate(parts)]
 
 
 def _img(png: bytes, alt: str) -> str:

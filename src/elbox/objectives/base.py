@@ -148,6 +148,18 @@ class ELBOModel(nn.Module):
             raise UserError(f"this {self.kind}'s weights are {weight.dtype}, the batch is {x.dtype}; convert the batch "
                             f"(x.to({weight.dtype})) or run under torch.autocast for mixed precision")
 
+    def check_values(self, x: Tensor) -> None:
+        """Raise UserError if x's values cannot be data of this model (outside its likelihood's range, off the
+        8-bit grid of a discrete likelihood). It reads x back, which on a GPU waits for the device. By default
+        nothing: a density on all of R takes any values."""
+
+    def check_input(self, x: Any) -> None:
+        """What every verb checks first: ``check_batch`` (shape, type, device; nothing read back), then
+        ``check_values``, unless ``batches_made_in_range`` says the caller made the batch in range itself."""
+        self.check_batch(x)
+        if not range_taken_on_trust():
+            self.check_values(x)
+
     def check_count(self, n: Any) -> int:
         """``n`` as an int >= 0 (a numpy or torch integer too), or a clear error."""
         count = n

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from elbox import draws
 from elbox.errors import UserError
-from elbox.objectives.base import ELBOModel, range_taken_on_trust
+from elbox.objectives.base import ELBOModel
 from elbox.objectives.decoders import check_on_grid
 from elbox.objectives.diffusion import (
     GaussianDiffusion,
@@ -113,10 +113,9 @@ class DDPM(ELBOModel):
         """8-bit data: the bound is on the probability of the 256-level pixels (Ho et al. eq. 13)."""
         return self.config.data_kind == "8bit"
 
-    def _check(self, x: Tensor) -> None:
-        """The batch's shape and type, and, for 8-bit data, its values: on the grid the discrete L_0 is over."""
-        self.check_batch(x)
-        if self.discrete and not range_taken_on_trust():  # the trainer made x on the grid (and a read would wait)
+    def check_values(self, x: Tensor) -> None:
+        """8-bit data must lie on the grid its discrete L_0 is over; continuous data may take any values."""
+        if self.discrete:
             check_on_grid(x, f"this {self.kind} (data_kind='8bit')")
 
     @classmethod
@@ -142,7 +141,7 @@ class DDPM(ELBOModel):
         gradient of L_vlb stopped at the mean (Nichol & Dhariwal sec. 3.1), i.e. lambda * T * L_t in bits/dim.
         (``step`` is unused: the DDPM's objective has no schedule over training.)
         """
-        self._check(x)
+        self.check_input(x)
         d = self.diffusion
         t, weight = d.sample_timesteps(x.shape[0], x.device)
         noise = draws.randn_like(x)
@@ -202,7 +201,7 @@ class DDPM(ELBOModel):
         decoder_nll = L_0, kl = (L_1 .. L_{T-1}) one column per step (t = 2..T in the paper's 1-indexing),
         prior = L_T (Ho et al. eq. 5). Each L_t uses one draw of x_t ~ q(x_t | x_0), as in Nichol & Dhariwal.
         """
-        self._check(x)
+        self.check_input(x)
         with torch.no_grad():
             d = self.diffusion
             per_step = []
@@ -259,7 +258,7 @@ class DDPM(ELBOModel):
     def iwae_bound(self, x: Tensor, k: int, *, generator: torch.Generator | None = None, chunk: int = 16,
                    progress: Callable[[int], None] | None = None) -> Tensor:
         """log p_theta(x_0) estimated with k importance-weighted trajectories (``trajectory_log_weight``), (B,)."""
-        self._check(x)
+        self.check_input(x)
         return log_mean_exp_in_chunks(lambda n: self.trajectory_log_weight(x.repeat(n, *([1] * (x.dim() - 1))),
                                                                          generator=generator).view(n, x.shape[0]),
                                       k, chunk, progress)

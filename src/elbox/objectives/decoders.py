@@ -56,8 +56,12 @@ def check_on_grid(x: Tensor, who: str) -> None:
     tolerance = max(1e-3, torch.finfo(x.dtype).eps * (BINS - 1))  # two ulps near 1, in levels
     if lo >= -1.0 and hi <= 1.0 and off <= tolerance:
         return
-    got = (f"values in [{lo:g}, {hi:g}]" if lo < -1.0 or hi > 1.0
-           else f"values in [{lo:g}, {hi:g}], off the grid by up to {off:.2g} of a level")
+    if not all(map(math.isfinite, (lo, hi, off))):
+        got = "non-finite values (NaN or Inf)"
+    elif lo < -1.0 or hi > 1.0:
+        got = f"values in [{lo:g}, {hi:g}]"
+    else:
+        got = f"values in [{lo:g}, {hi:g}], off the grid by up to {off:.2g} of a level"
     hint = "; a [0, 1] image x (k/255) maps onto it by x * 2 - 1" if lo >= 0.0 and hi <= 1.0 else ""
     raise UserError(f"{who} models 8-bit data on the grid of [-1, 1] (k/127.5 - 1, k = 0..255); got {got}; "
                     f"elbox.data.transforms.to_model(images, 'symmetric') makes such a batch from uint8 images{hint}")

@@ -141,6 +141,9 @@ class LDM(ELBOModel):
     def discrete(self) -> bool:
         return self.vae.discrete
 
+    def check_values(self, x: Tensor) -> None:
+        self.vae.check_values(x)  # x is the VAE's data: its likelihood says what values it takes
+
     def train(self, mode: bool = True) -> "LDM":
         super().train(mode)
         if not self.config.end_to_end:
@@ -176,7 +179,7 @@ class LDM(ELBOModel):
         LSGM's split (Vahdat et al. 2021, sec. 3), with the likelihood weighting for the VAE, so that the VAE
         maximises the very bound that is reported.
         """
-        self.check_batch(x)
+        self.check_input(x)
         z, logvar = self._encode(x, None)
         s = self.latent_scale.to(z.dtype)
         own = Terms(terms=self._vae_terms(x, z, logvar), dims=self.dims)
@@ -192,7 +195,7 @@ class LDM(ELBOModel):
 
     def bound(self, x: Tensor, *, generator: torch.Generator | None = None) -> Terms:
         """The negative ELBO on x in nats, with the prior's bound computed over every timestep at one z ~ q(z|x)."""
-        self.check_batch(x)
+        self.check_input(x)
         with torch.no_grad():
             z, logvar = self._encode(x, generator)
             prior = self.prior.bound(z * self.latent_scale.to(z.dtype), generator=generator)
@@ -214,7 +217,7 @@ class LDM(ELBOModel):
         bound* would not be one: each is only a bound on log p(z) in expectation, and the log-mean-exp of bounds
         can exceed log p(x).)
         """
-        self.check_batch(x)
+        self.check_input(x)
         with torch.no_grad():
             mu, logvar = self.vae.encode(x)
             s = self.latent_scale.to(mu.dtype)

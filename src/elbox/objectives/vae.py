@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from elbox import draws
 from elbox.errors import UserError
 from elbox.nets.vae_nets import ACTIVATIONS, ARContext, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder, stage_sizes
-from elbox.objectives.base import ELBOModel, range_taken_on_trust
+from elbox.objectives.base import ELBOModel
 from elbox.objectives.decoders import DECODERS, build_likelihood
 from elbox.objectives.gaussian import standard_normal_kl
 from elbox.objectives.terms import Terms
@@ -224,10 +224,8 @@ class VAE(ELBOModel):
 
     # ---- the pieces of the bound ---------------------------------------------------------------------------
 
-    def _check(self, x: Tensor) -> None:
-        self.check_batch(x)
-        if not range_taken_on_trust():  # the trainer made x in range itself (and a check would wait for a GPU)
-            self.likelihood.check_data(x)
+    def check_values(self, x: Tensor) -> None:
+        self.likelihood.check_data(x)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The parameters (mu, log sigma^2) of q_phi(z|x), each of shape (B, *latent_shape)."""
@@ -283,7 +281,7 @@ class VAE(ELBOModel):
     # ---- the ELBO ------------------------------------------------------------------------------------------
 
     def _elbo_terms(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        self._check(x)
+        self.check_input(x)
         mu, logvar = self.encode(x)
         # reparameterisation trick, K&W eq. 10: z = mu + sigma * eps with eps ~ N(0, I); in training eps comes from
         # the trainer's per-step stream (``draws``), in evaluation from the caller's generator
@@ -305,7 +303,7 @@ class VAE(ELBOModel):
         return Terms(terms=terms, dims=self.dims, loss=loss)
 
     def _iwae_losses(self, x: Tensor, k: int) -> Terms:
-        self._check(x)
+        self.check_input(x)
         mu, logvar = self.encode(x)
         # the k draws of each example from the trainer's per-step stream (rows of the batch first, as it keeps them)
         eps = draws.randn_like(mu.unsqueeze(1).expand(mu.shape[0], k, *mu.shape[1:])).movedim(1, 0)
@@ -336,7 +334,7 @@ class VAE(ELBOModel):
             raise UserError(f"the number of importance samples k must be an integer >= 1; got {k}")
         if chunk < 1:
             raise UserError(f"chunk must be >= 1; got {chunk}")
-        self._check(x)
+        self.check_input(x)
         mu, logvar = self.encode(x)
         parts = self._context_parts(x)
         total = torch.full((x.shape[0],), -math.inf, dtype=mu.dtype, device=mu.device)
@@ -389,7 +387,7 @@ class VAE(ELBOModel):
     def reconstruct(self, x: Tensor) -> Tensor:
         """decode(mu(x)): the decoder's mean at the posterior mean of each example, shape of x."""
         with torch.no_grad():
-            self._check(x)
+            self.check_input(x)
             return self.decode(self.encode(x)[0])
 
     def interpolate(self, x1: Tensor, x2: Tensor, steps: int) -> Tensor:
@@ -404,8 +402,8 @@ class VAE(ELBOModel):
             single = tuple(x1.shape) == self.data_shape
             if single:
                 x1, x2 = x1.unsqueeze(0), x2.unsqueeze(0)
-            self._check(x1)
-            self._check(x2)
+            self.check_input(x1)
+            self.check_input(x2)
             m1, m2 = self.encode(x1)[0], self.encode(x2)[0]
             t = torch.linspace(0.0, 1.0, steps, dtype=m1.dtype, device=m1.device)
             t = t.view(1, steps, *([1] * len(self.latent_shape)))

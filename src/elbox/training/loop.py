@@ -129,6 +129,11 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
         cfg = resolve_precision(resolve(cfg, DATA_KINDS[dataset.kind]), info.device)
         torch.manual_seed(cfg.train.seed)  # the initial weights: the same on every rank
         model = build_model(cfg, dataset.shape)
+        if dataset.data.is_floating_point():  # (uint8 images the trainer maps into range; vectors pass as they are)
+            try:
+                model.check_values(to_model(dataset.data, model.data_range))  # before anything is written
+            except UserError as e:
+                raise UserError(f"the training data {cfg.data.data}: {e}") from None
         if cfg.train.fid_every and not model.draws_images:
             raise UserError(f"--fid-every {cfg.train.fid_every}: FID and KID are for images; this {cfg.model} on "
                             f"{cfg.data.data} draws vectors (the held-out bound measures it: --eval-batches)")
