@@ -126,7 +126,7 @@ def stage_correct(args) -> dict:
 
 def stage_nosync(args) -> dict:
     from elbox.config import DataConfig, RunConfig, TrainConfig
-    from elbox.objectives.ddpm import DDPMConfig
+    from elbox.objectives.ddpm import DDPM, DDPMConfig
     from elbox.objectives.latent import LDMConfig
     from elbox.objectives.vae import VAEConfig
     from elbox.training import loop
@@ -165,8 +165,6 @@ def stage_nosync(args) -> dict:
     finally:
         loop.train_step = real_step
     # sampling and the bound: a 1000-step chain must not wait for the GPU at every step either
-    from elbox.objectives.ddpm import DDPM
-
     torch.manual_seed(0)
     ddpm = DDPM(DDPMConfig(net="small", timesteps=100, data_kind="8bit"), (1, 28, 28)).to(args.device).eval()
     x = torch.rand(64, 1, 28, 28, device=args.device).mul(255).round().div(127.5).sub(1)

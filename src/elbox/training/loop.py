@@ -129,9 +129,9 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
         cfg = resolve_precision(resolve(cfg, DATA_KINDS[dataset.kind]), info.device)
         torch.manual_seed(cfg.train.seed)  # the initial weights: the same on every rank
         model = build_model(cfg, dataset.shape)
-        if dataset.data.is_floating_point():  # (uint8 images the trainer maps into range; vectors pass as they are)
-            try:
-                model.check_values(to_model(dataset.data, model.data_range))  # before anything is written
+        if dataset.data.is_floating_point():  # vectors pass as they are (uint8 images are mapped into range)
+            try:  # once, whole, before anything is written: the steps then take their batches on trust
+                model.check_values(to_model(dataset.data, model.data_range))
             except UserError as e:
                 raise UserError(f"the training data {cfg.data.data}: {e}") from None
         if cfg.train.fid_every and not model.draws_images:
@@ -398,10 +398,9 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
         # DDP all-reduces the gradients once, on the last micro-batch
         last = micro == t.grad_accum - 1
         sync = loss_module.no_sync() if info.enabled and not last else contextlib.nullcontext()
-        # _to_model maps 8-bit images into the model's range; vectors pass as they are and are checked
-        made = contextlib.nullcontext() if x_uint8.is_floating_point() else batches_made_in_range()
-        with sync:
-            with draws.global_batch(step_seed, rows, t.batch_size), devices.autocast(t.precision, info.device), made:
+        # in range: _to_model maps 8-bit images there, and vector data was checked whole before training
+        with sync, batches_made_in_range():
+            with draws.global_batch(step_seed, rows, t.batch_size), devices.autocast(t.precision, info.device):
                 x = _to_model(x_uint8, model.data_range, t.channels_last)
                 loss, terms = loss_module(x, step)
             scaler.scale(loss / t.grad_accum).backward()
