@@ -38,8 +38,9 @@ _MADE_IN_RANGE: ContextVar[bool] = ContextVar("elbox_batches_made_in_range", def
 
 @contextlib.contextmanager
 def batches_made_in_range() -> Iterator[None]:
-    """Inside, a model takes its batches' range on trust: for a caller that made them with ``to_model`` (the
-    trainer). A range check reads the batch's minimum and maximum back, which on a GPU waits for the device."""
+    """Inside, a model takes its batches' values on trust: for a caller that made them in range (the trainer: images
+    through ``to_model``, vector data checked whole at set-up). A check reads the batch back, which on a GPU waits
+    for the device."""
     token = _MADE_IN_RANGE.set(True)
     try:
         yield
