@@ -79,7 +79,7 @@ def build_elbox(width: int, batch: int, precision: str, compile_: bool, device: 
     from elbox.objectives.ddpm import DDPMConfig
     from elbox.samplers import ancestral_sample
     from elbox.training.distributed import setup
-    from elbox.training.loop import train_step
+    from elbox.training.loop import defer_checks, train_step
     from elbox.training.session import DATA_KINDS, build_model, resolve, set_up
 
     cfg = RunConfig(model_config=DDPMConfig(net="ddpm-cifar10", base_channels=width, dropout=0.1, loss="simple",
@@ -94,11 +94,12 @@ def build_elbox(width: int, batch: int, precision: str, compile_: bool, device: 
     model = build_model(cfg, dataset.shape)
     run = set_up(cfg, dataset, model, Path(tempfile.mkdtemp()), None, info, False)
     batches = run.loader.forever()
+    deferred = defer_checks(run)  # as `elbox train` steps: on a GPU nothing is read back inside a step
 
     def step():
         train_step(run.step, next(batches), t=cfg.train, model=run.model, loss_module=run.loss_module,
                    optimizer=run.optimizer, scaler=run.scaler, ema=run.ema, info=info, micro_rows=run.micro_rows,
-                   stop_requested=lambda: False)
+                   stop_requested=lambda: False, deferred=deferred)
         run.step += 1
 
     def sample(n: int, steps: int):

@@ -53,6 +53,27 @@ def range_taken_on_trust() -> bool:
     return _MADE_IN_RANGE.get()
 
 
+_LOSS_ONLY: ContextVar[bool] = ContextVar("elbox_loss_only", default=False)
+
+
+@contextlib.contextmanager
+def loss_only() -> Iterator[None]:
+    """Inside, ``losses`` may leave out the bound's terms where its loss does not need them (``Terms.has_bound`` is
+    then False): for a caller that reads only the loss, such as the trainer at a step whose metrics are not logged.
+    A DDPM trained on the simple loss then skips the L_t it would only report (the issue-13 "extra terms computed
+    only when logged"); a model whose loss is its bound computes the bound anyway."""
+    token = _LOSS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOSS_ONLY.reset(token)
+
+
+def bound_wanted() -> bool:
+    """Whether ``losses`` must return the bound's terms (``loss_only`` is not open)."""
+    return not _LOSS_ONLY.get()
+
+
 class ELBOModel(nn.Module):
     #: registry name, e.g. "ddpm" or "vae"
     kind: ClassVar[str]

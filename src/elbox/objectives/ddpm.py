@@ -22,7 +22,7 @@ from torch import Tensor
 
 from elbox import draws
 from elbox.errors import UserError
-from elbox.objectives.base import ELBOModel
+from elbox.objectives.base import ELBOModel, bound_wanted
 from elbox.objectives.decoders import check_on_grid
 from elbox.objectives.diffusion import (
     GaussianDiffusion,
@@ -136,9 +136,10 @@ class DDPM(ELBOModel):
     def losses(self, x: Tensor, *, step: int) -> Terms:
         """One stochastic estimate of the bound and the training loss on a batch x_0 (in [-1, 1]).
 
-        The terms are always the unbiased single-t estimate of the bound, weight * L_t + L_T (nats), whatever
-        the loss; the loss is L_simple (eq. 14), the bound in bits/dim, or L_simple + lambda L_vlb with the
-        gradient of L_vlb stopped at the mean (Nichol & Dhariwal sec. 3.1), i.e. lambda * T * L_t in bits/dim.
+        The terms are the unbiased single-t estimate of the bound, weight * L_t + L_T (nats), whatever the loss
+        (but for the simple loss inside ``loss_only``: it does not need them, so they are left out); the loss is
+        L_simple (eq. 14), the bound in bits/dim, or L_simple + lambda L_vlb with the gradient of L_vlb stopped at
+        the mean (Nichol & Dhariwal sec. 3.1), i.e. lambda * T * L_t in bits/dim.
         (``step`` is unused: the DDPM's objective has no schedule over training.)
         """
         self.check_input(x)
@@ -149,6 +150,9 @@ class DDPM(ELBOModel):
         output = self.net(x_t, t)
         mean_out, var_out = d.split_output(output, x)
         mse = (mean_out - d.training_target(x, t, noise)).pow(2).flatten(1).mean(1)
+        if d.loss_type == "simple" and not bound_wanted():  # the bound would only be reported: not now
+            return Terms(terms={}, dims=self.dims, loss=mse, extras={"mse": mse.detach()},
+                         loss_unit="mean squared error per dimension")
 
         if d.loss_type == "vlb":
             vlb_output = output

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from elbox import draws
 from elbox.errors import UserError, a_model
-from elbox.objectives.base import ELBOModel
+from elbox.objectives.base import ELBOModel, loss_only
 from elbox.objectives.ddpm import DDPM, DataKind, DDPMConfig, Sampler
 from elbox.objectives.gaussian import LOG_2PI, gaussian_log_prob
 from elbox.objectives.terms import Terms, bits_per_dim, log_mean_exp_in_chunks
@@ -185,9 +185,12 @@ class LDM(ELBOModel):
         own = Terms(terms=self._vae_terms(x, z, logvar), dims=self.dims)
         if not self.config.end_to_end:
             prior = self.prior.losses(z * s, step=step)
+            if not prior.has_bound:  # loss_only, and the prior's loss needs none: the VAE's half alone is no bound
+                return dataclasses.replace(prior.prefixed("prior"), dims=self.dims)
             return Terms.merge([own, prior.prefixed("prior")], dims=self.dims, loss=prior.loss,
                                loss_unit=prior.loss_unit)
-        prior = self.prior.losses((z * s).detach(), step=step)
+        with loss_only():  # its terms would be dropped: the bound here is bound_estimate's
+            prior = self.prior.losses((z * s).detach(), step=step)
         bound = Terms.merge([own, self.prior.bound_estimate(z * s).prefixed("prior")], dims=self.dims)
         return dataclasses.replace(bound, loss=prior.loss + bits_per_dim(bound.nll, self.dims),
                                    loss_unit=f"the prior's {prior.loss_unit} + the bound in bits/dim",

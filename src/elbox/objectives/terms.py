@@ -89,8 +89,8 @@ class Terms:
     loss_unit: str = "nats"
 
     def __post_init__(self) -> None:
-        if not self.terms:
-            raise ValueError("Terms needs at least one named term")
+        if not self.terms and self.loss is None:
+            raise ValueError("Terms needs at least one named term, or a loss (a step that computed no bound)")
         for name, labels in self.columns.items():
             value = self.terms[name]
             width = 1 if value.dim() == 1 else value.flatten(1).shape[1]
@@ -103,12 +103,19 @@ class Terms:
             self.loss = self.nll
 
     @property
+    def has_bound(self) -> bool:
+        """Whether the bound's terms are here: a training step inside ``base.loss_only`` may hold its loss alone."""
+        return bool(self.terms)
+
+    @property
     def batch_size(self) -> int:
-        return next(iter(self.terms.values())).shape[0]
+        return next(iter(self.terms.values())).shape[0] if self.terms else self.loss.shape[0]
 
     @property
     def nll(self) -> Tensor:
         """Per-example negative ELBO in nats, shape (B,): the sum of every term (and every column of a (B, K) term)."""
+        if not self.terms:
+            raise ValueError("these Terms hold a training loss only (computed under loss_only): no bound to sum")
         total = None
         for value in self.totals().values():
             total = value if total is None else total + value
@@ -144,9 +151,12 @@ class Terms:
         return labels, torch.cat(values, dim=1)
 
     def summary(self) -> dict[str, float]:
-        """Batch means of the loss, the negative ELBO, bits/dim, every term and every extra, as floats (for logs)."""
+        """Batch means of the loss, the negative ELBO, bits/dim, every term and every extra, as floats (for logs);
+        the loss and the extras alone where the step computed no bound (``has_bound``)."""
         with torch.no_grad():
-            out = {"loss": float(self.loss.mean()), "nelbo": float(self.nll.mean()), "bpd": float(self.bpd.mean())}
+            out = {"loss": float(self.loss.mean())}
+            if self.has_bound:
+                out.update({"nelbo": float(self.nll.mean()), "bpd": float(self.bpd.mean())})
             out.update({k: float(v.mean()) for k, v in self.totals().items()})
             out.update({k: float(v.mean()) for k, v in self.extras.items()})
         return out

@@ -14,7 +14,9 @@ What it guarantees (tests/test_train*.py check each point with real runs):
   last checkpoint untouched; with ``on_nonfinite="skip"`` the step's update is skipped instead (the step still
   counts) and the skips are counted. On a GPU the check is decided on the device and read back a step later
   (``defer_checks``), so that the host never waits for the step it has just queued; what the run does and says
-  stays the same (but for the torchrun stop above).
+  stays the same (but for the torchrun stop above). A loss that does not need the bound (a DDPM's simple loss)
+  computes the bound's terms only at the steps that write a metrics line (``logged``); elsewhere the check sees
+  the loss alone.
 - Speed and scale. ``precision`` fp32/bf16/fp16 (torch.amp autocast; fp16 with a gradient scaler), torch.compile
   of the networks, channels-last, TF32 on GPUs, gradient accumulation. Under torchrun
   (``torchrun --nproc_per_node 8 -m elbox train --batch-size 256 ...``; add ``--nnodes``/``--rdzv-endpoint`` for
@@ -58,7 +60,7 @@ from elbox.data import to_model
 from elbox.data.dataset import derive_seed
 from elbox.errors import EmptySplit, UserError
 from elbox.metrics.likelihood import Evaluation
-from elbox.objectives.base import ELBOModel, batches_made_in_range
+from elbox.objectives.base import ELBOModel, batches_made_in_range, loss_only
 from elbox.objectives.terms import Terms, term_words
 from elbox.training.distributed import (
     DistInfo,
@@ -268,7 +270,7 @@ class _Log:  # pragma: no mutate block
     def step(self, run: Run, done: StepOutcome, nonfinite: str | None) -> None:
         t = run.cfg.train
         self.window_images += t.batch_size
-        if done.step % t.log_every == 0 or done.step == t.steps or nonfinite is not None:
+        if logged(done.step, t) or nonfinite is not None:
             now = time.perf_counter()
             summary = mean_over_ranks(Terms.cat(done.terms).summary(), run.info)
             record = {"step": done.step, **summary, "lr": done.lr, "grad_norm": float(done.grad_norm),
@@ -393,13 +395,15 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
         group["lr"] = lr
     model.train()
     step_seed = derive_seed("draws", t.seed, step)
+    # the bound's terms only where a metrics line reads them: a loss that does not need them skips them elsewhere
+    wanted = logged(step + 1, t)
     terms_seen: list[Terms] = []
     for micro, (x_uint8, rows) in enumerate(zip(batch.chunk(t.grad_accum), micro_rows)):
         # DDP all-reduces the gradients once, on the last micro-batch
         last = micro == t.grad_accum - 1
         sync = loss_module.no_sync() if info.enabled and not last else contextlib.nullcontext()
         # in range: _to_model maps 8-bit images there, and vector data was checked whole before training
-        with sync, batches_made_in_range():
+        with sync, batches_made_in_range(), contextlib.nullcontext() if wanted else loss_only():
             with draws.global_batch(step_seed, rows, t.batch_size), devices.autocast(t.precision, info.device):
                 x = _to_model(x_uint8, model.data_range, t.channels_last)
                 loss, terms = loss_module(x, step)
@@ -411,7 +415,8 @@ def train_step(step: int, batch: torch.Tensor, *, t: TrainConfig, model: ELBOMod
     # One check (and, under torchrun, one tiny all-reduce) per step: NaN/Inf here or on any rank, and a stop
     # signal on any rank: one that arrived during this step stops the run after it (deferred under torchrun, the
     # flag is read a step late: after the next). fp16's gradient overflows are the grad scaler's to handle.
-    total = sum(tm.loss.detach().sum() + tm.nll.detach().sum() for tm in terms_seen)  # NaN/Inf spreads
+    total = sum(tm.loss.detach().sum() + (tm.nll.detach().sum() if tm.has_bound else 0)
+                for tm in terms_seen)  # NaN/Inf spreads
     finite = torch.isfinite(total)
     if t.precision != "fp16":
         finite = finite & torch.isfinite(grad_norm)
@@ -460,6 +465,12 @@ def learning_rate(step: int, t: TrainConfig) -> float:
         progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
         lr = lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return lr
+
+
+def logged(step: int, t: TrainConfig) -> bool:
+    """Whether step ``step`` (counted from 1) writes a metrics line: every ``log_every`` steps and the last one
+    (and a step with a NaN/Inf, which writes whatever terms it has)."""
+    return step % t.log_every == 0 or step == t.steps
 
 
 def _to_model(x: torch.Tensor, data_range: str, channels_last: bool) -> torch.Tensor:
