@@ -135,13 +135,16 @@ def stage_nosync(args) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     real_step, real_defer = loop.train_step, loop.defer_checks
 
-    def strict(*a, **k):  # an error on any synchronisation inside a step
-        if gpu:
+    checked_from = [0]  # the first step run under the detector
+
+    def strict(step, *a, **k):  # an error on any synchronisation inside a step
+        check = gpu and step >= checked_from[0]
+        if check:
             torch.cuda.set_sync_debug_mode("error")
         try:
-            return real_step(*a, **k)
+            return real_step(step, *a, **k)
         finally:
-            if gpu:
+            if check:
                 torch.cuda.set_sync_debug_mode(0)
 
     def cfg(model: str, model_config, **train) -> RunConfig:
@@ -153,10 +156,18 @@ def stage_nosync(args) -> dict:
     runs = {"ddpm": cfg("ddpm", DDPMConfig(net="small"), steps=30, log_every=10),
             "vae": cfg("vae", VAEConfig(), steps=30, log_every=10),
             "ldm_end_to_end": cfg("ldm", LDMConfig(vae=str(work / "vae"), end_to_end=True), steps=30, log_every=10),
-            "ddpm_bf16": cfg("ddpm", DDPMConfig(net="small"), steps=30, log_every=10, precision="bf16")}
+            "ddpm_bf16": cfg("ddpm", DDPMConfig(net="small"), steps=30, log_every=10, precision="bf16"),
+            # the loss: the bound's terms only at the logged steps
+            "ddpm_simple": cfg("ddpm", DDPMConfig(net="small", loss="simple", var_type="fixed_large"), steps=30,
+                               log_every=10),
+            # N&D's importance sampling of t: it reads whether the history is full until it is (T = 100 at 128 a
+            # step: within ~20 steps), then nothing
+            "ddpm_importance": cfg("ddpm", DDPMConfig(net="small", timesteps=100, loss="vlb",
+                                                      timestep_sampler="importance"), steps=60, log_every=20)}
     loop.train_step = strict
     try:
         for name, c in runs.items():
+            checked_from[0] = 40 if name == "ddpm_importance" else 0
             try:
                 loop.train(c, work / ("vae" if name == "vae" else name))
                 out[name] = "no sync inside a step" if gpu else "ran (not checked on a CPU)"

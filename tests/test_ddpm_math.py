@@ -334,6 +334,46 @@ def test_timesteps_and_their_weights_land_on_the_requested_device_not_on_the_def
             d.update_loss_history(torch.arange(20), torch.arange(1.0, 21.0, dtype=torch.float64))
 
 
+def one_by_one(history: torch.Tensor, count: torch.Tensor, t: torch.Tensor, losses: torch.Tensor):
+    """The loss history's update as N&D's code makes it: each value appended in turn to its step's last ten."""
+    history, count = history.clone(), count.clone()
+    for ti, li in zip(t.tolist(), losses.tolist()):
+        if count[ti] == 10:
+            history[ti, :-1] = history[ti, 1:].clone()
+            history[ti, -1] = li
+        else:
+            history[ti, count[ti]] = li
+            count[ti] += 1
+    return history, count
+
+
+@pytest.mark.parametrize("T", [1, 3, 50])
+def test_the_loss_history_of_a_whole_batch_is_each_value_appended_in_turn(T):
+    """Updated on the device in one go (no read back): repeated steps in a batch, a step with more than ten values
+    in one batch, a full step's history moving on; the same history and counts as appending one by one."""
+    d = make_diffusion(T=T, loss_type="vlb", var_type="fixed_small", timestep_sampler="importance")
+    g = torch.Generator().manual_seed(0)
+    for size in [1, 25, 7, 40, 3, 64, 2, 30] * 8:
+        t = torch.randint(T, (size,), generator=g)
+        losses = torch.randn(size, generator=g, dtype=torch.float64)
+        expected = one_by_one(d.loss_history, d.loss_history_count, t, losses)
+        d.update_loss_history(t, losses)
+        assert torch.equal(d.loss_history, expected[0]) and torch.equal(d.loss_history_count, expected[1])
+    assert bool((d.loss_history_count == 10).all())
+
+
+def test_whether_the_history_is_full_is_remembered_and_looked_at_anew_when_a_history_is_loaded():
+    d = make_diffusion(T=2, loss_type="vlb", var_type="fixed_small", timestep_sampler="importance")
+    empty = {k: v.clone() for k, v in d.state_dict().items()}
+    assert not d.history_full()
+    d.update_loss_history(torch.tensor([0, 1] * 10), torch.ones(20, dtype=torch.float64))
+    assert d.history_full()
+    d.loss_history_count.zero_()  # never happens in training: the history only grows
+    assert d.history_full()  # remembered, not read again
+    d.load_state_dict(empty)
+    assert not d.history_full()
+
+
 def test_the_loss_history_keeps_the_last_ten_values_of_each_step_in_order():
     d = make_diffusion(T=3, loss_type="vlb", var_type="fixed_small", timestep_sampler="importance")
     for value in range(1, 14):  # 13 values for t = 1, 2 for t = 0

@@ -181,3 +181,16 @@ def test_a_sigint_stops_after_its_step_when_checks_are_deferred(monkeypatch, tmp
     result = train(cfg, run)
     assert result.stopped_by == "SIGINT" and result.step == 3
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-0000003"]
+
+
+def test_importance_sampling_of_t_reads_back_only_until_every_step_has_its_ten_values(monkeypatch, tmp_path,
+                                                                                     deferred):
+    """N&D's importance sampling of t keeps the last ten L_t of each t: the history is updated on the device, and
+    whether it is full (when sampling by it starts) is read back only until it is."""
+    cfg = tiny("ddpm", DDPMConfig(net="micro", timesteps=4, loss="vlb", timestep_sampler="importance"), steps=10,
+               log_every=100, checkpoint_every=100)
+    events = watch(monkeypatch)
+    train(cfg, tmp_path / "run")
+    reads = [e[2] for e in events if e[0] == "queued"]
+    full = reads.index([])  # T = 4, 16 values a step: full within a few steps
+    assert 2 <= full <= 5 and reads[:full] == [["__bool__"]] * full and reads[full:] == [[]] * (10 - full), reads

@@ -128,6 +128,8 @@ class GaussianDiffusion(nn.Module):
         # Importance sampling of t (Nichol & Dhariwal sec. 3.3): the last 10 values of L_t for each t.
         self.register_buffer("loss_history", torch.zeros(T, 10, dtype=torch.float64))
         self.register_buffer("loss_history_count", torch.zeros(T, dtype=torch.long))
+        self._history_full = False  # remembered once true (``history_full``); a loaded history is looked at anew
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_history_full", False))
 
     # ----------------------------------------------------------------------------------------------- helpers
     @property
@@ -270,7 +272,7 @@ class GaussianDiffusion(nn.Module):
         """Draw t for a batch and return (t, weight) with E[weight * L_t] = sum_t L_t / T... times T, i.e. an
         unbiased estimate of sum_t L_t is weight * L_t (uniform: weight = T; importance: 1 / p(t))."""
         T = self.num_timesteps
-        if self.timestep_sampler == "importance" and bool((self.loss_history_count >= 10).all()):
+        if self.timestep_sampler == "importance" and self.history_full():
             # p(t) ∝ sqrt(E[L_t^2]) over the stored history, mixed with a little uniform mass.
             weights = torch.sqrt((self.loss_history**2).mean(dim=1))
             probs = weights / weights.sum() * (1 - 1e-3) + 1e-3 / T
@@ -288,14 +290,37 @@ class GaussianDiffusion(nn.Module):
                 dist.all_gather(t_all, t)
                 dist.all_gather(l_all, losses)
                 t, losses = torch.cat(t_all), torch.cat(l_all)
-            for ti, li in zip(t.tolist(), losses.double().tolist()):
-                count = int(self.loss_history_count[ti])
-                if count == 10:
-                    self.loss_history[ti, :-1] = self.loss_history[ti, 1:].clone()
-                    self.loss_history[ti, -1] = li
-                else:
-                    self.loss_history[ti, count] = li
-                    self.loss_history_count[ti] += 1
+            self._record(t.reshape(-1), losses.reshape(-1).double())
+
+    def _record(self, t: Tensor, losses: Tensor) -> None:
+        """Append each L_t (in the batch's order) to its step's last-10 history, on the device: the same result as
+        appending them one by one, without reading anything back (a read would make a GPU step wait)."""
+        T, keep = self.loss_history.shape
+        history, count = self.loss_history, self.loss_history_count
+        n = torch.zeros_like(count).index_add_(0, t, torch.ones_like(t))  # new values per step (not bincount: it
+        # reads max(t) back on a GPU)
+        order = torch.argsort(t, stable=True)
+        rank = torch.empty_like(t)  # each value's place among its step's new values, in batch order
+        rank[order] = torch.arange(t.numel(), device=t.device) - (torch.cumsum(n, 0) - n)[t[order]]
+        # step t's values in order: its `count` old ones, then its `n` new ones; the last `keep` of them stay, so
+        # the first `shift` go and every other moves `shift` places to the left
+        shift = (count + n - keep).clamp(min=0)
+        index = torch.arange(keep, device=t.device) + shift[:, None]  # (T, keep): what lands in each place
+        # the old values, moved; a place past them gets a new value below, or stays empty (zero: never written)
+        merged = history.gather(1, index.clamp(max=keep - 1))
+        # each new value's place after the shift; one that falls out goes to a spare column that is dropped
+        place = count[t] + rank - shift[t]
+        wider = torch.cat([merged, merged.new_zeros(T, 1)], dim=1)
+        wider.index_put_((t, torch.where(place >= 0, place, keep)), losses.to(history.dtype))
+        history.copy_(wider[:, :keep])
+        count.copy_((count + n).clamp(max=keep))
+
+    def history_full(self) -> bool:
+        """Whether every step has its 10 values (importance sampling starts then). It is read back from the device
+        until it is true, and remembered: the history only grows (a new one loaded into the module starts over)."""
+        if not self._history_full:
+            self._history_full = bool((self.loss_history_count >= self.loss_history.shape[1]).all())
+        return self._history_full
 
 
 class MixedDenoiser(nn.Module):

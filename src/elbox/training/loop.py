@@ -216,7 +216,7 @@ def defer_checks(run: Run) -> bool:  # pragma: no mutate block
     """Whether a step's NaN/Inf check is decided on the device and read back later (see ``_loop``): on a GPU,
     with the fused optimizer (it skips an update itself when told so by a flag on the device) and without fp16's
     grad scaler (which reads its own flag). On a CPU a read costs nothing: each step is read as it ends. (The
-    ``importance`` timestep sampler still reads its loss history back at each step, as improved-diffusion's does.)"""
+    ``importance`` timestep sampler reads whether its loss history is full, at each step until it is.)"""
     return (run.info.device.type == "cuda" and bool(run.optimizer.defaults.get("fused"))
             and run.cfg.train.precision != "fp16")
 
