@@ -32,3 +32,15 @@ def test_the_speed_benchmark_times_elbox_and_prints_a_json_line_and_a_table(tmp_
     assert 0 < row["fraction_of_peak"] < 1.5 and row["sample_step_ms"] > 0
     assert row["bound_10k_test_images_s"] > 0 and row["sample_10k_images_s"] > row["sample_step_ms"] / 1e3
     assert "elbox" in done.stdout.splitlines()[-1] and "train img/s" in done.stdout
+
+
+def test_the_step_ops_benchmark_counts_fewer_operators_where_the_simple_loss_skips_the_bound():
+    """benchmarks/step_ops.py: a simple-loss step that writes no metrics line runs fewer operators (no L_t); a
+    hybrid-loss step trains on the bound, so it runs the same either way."""
+    done = subprocess.run([sys.executable, "benchmarks/step_ops.py", "--nets", "micro", "--threads", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["loss"]: r for r in map(json.loads, done.stdout.splitlines()[:2])}
+    assert rows["simple"]["ops_other_step"] < rows["simple"]["ops_logged_step"] - 50
+    assert rows["hybrid"]["ops_other_step"] == rows["hybrid"]["ops_logged_step"] > rows["simple"]["ops_logged_step"]
+    assert "| micro | simple |" in done.stdout
