@@ -117,9 +117,16 @@ def stage_correct(args) -> dict:
     torch.backends.cudnn.allow_tf32 = True
     gpu32 = ddpm.float().to(args.device).bound(x.to(args.device), generator=torch.Generator().manual_seed(1)).nll
     out["ddpm_bound_rel_err_tf32_vs_cpu64"] = rel(gpu32, ref)
+    # the U-Net's GroupNorm under bf16 autocast: in bf16 (CUDA autocast alone would run it in float32)
+    from elbox.nets.unet import group_norm
+    norm = group_norm(32, 8).to(args.device)
+    with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
+        normed = norm(torch.randn(2, 32, 4, 4, device=args.device, dtype=torch.bfloat16))
+    out["group_norm_dtype_under_bf16_autocast"] = str(normed.dtype)
 
     ok = (out["ddpm_bound_rel_err_fp32_vs_cpu64"] < 1e-4 and out["ddpm_bound_rel_err_tf32_vs_cpu64"] < 1e-2
-          and out["ddpm_sample_max_abs_diff_gpu_vs_cpu_fp32"] < 1e-2)
+          and out["ddpm_sample_max_abs_diff_gpu_vs_cpu_fp32"] < 1e-2
+          and out["group_norm_dtype_under_bf16_autocast"] == "torch.bfloat16")
     out["ok"] = ok
     return out
 
@@ -244,11 +251,14 @@ def stage_cifar(args) -> dict:
     variants = {
         "fp32_tf32": [],
         "bf16": ["--precision", "bf16"],
+        # GroupNorm (and the SiLU after it) in float32, as CUDA autocast runs it: what bf16 did before 2026-12-01
+        "bf16_norm_as_autocast": ["--precision", "bf16"],
         "bf16_channels_last": ["--precision", "bf16", "--channels-last"],
         "bf16_channels_last_compile": ["--precision", "bf16", "--channels-last", "--compile"],
     }
     out = {}
     for name, flags in variants.items():
+        setup = "import elbox.nets.unet as u; u.NORM_IN_AUTOCAST_DTYPE = ()\n" if "as_autocast" in name else ""
         if elapsed() > args.budget - 120:
             out[name] = "skipped: budget"
             continue
@@ -256,6 +266,7 @@ def stage_cifar(args) -> dict:
         steps = args.cifar_steps + (40 if "compile" in name else 0)
         code = (
             "import sys, time, torch, json\n"
+            f"{setup}"
             "from elbox.cli import main\n"
             "gpu = torch.cuda.is_available()\n"
             "gpu and torch.cuda.reset_peak_memory_stats()\n"
@@ -384,7 +395,7 @@ def stage_pytest(args) -> dict:
 
 
 STAGES = [("correct", stage_correct, 30), ("nosync", stage_nosync, 60), ("main_job", stage_main_job, 90), ("peers", stage_peers, 200),
-          ("cifar", stage_cifar, 150),
+          ("cifar", stage_cifar, 180),
           ("sampling", stage_sampling, 30), ("fid", stage_fid, 240), ("fp16", stage_fp16, 40), ("vae", stage_vae, 40), ("torchrun", stage_torchrun, 40),
           ("pytest", stage_pytest, 60)]
 

@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from elbox.errors import UserError
+from elbox.nets import unet
 from elbox.nets.embeddings import timestep_embedding
 from elbox.nets.mlp import MLPDenoiser
-from elbox.nets.unet import UNET_PRESETS, Dropout, UNet
+from elbox.nets.unet import UNET_PRESETS, Dropout, UNet, group_norm
 
 
 def randomise_zero_init(model: nn.Module, std: float = 0.05) -> nn.Module:
@@ -152,6 +154,50 @@ def test_group_norm_falls_back_to_a_divisor_of_the_channel_count() -> None:
     )
     groups = {m.num_channels: m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
     assert groups == {48: 24, 96: 32}  # 96 = 48 + 48 at the concatenation in the up path
+
+
+class GroupNormCalls(TorchFunctionMode):
+    """The dtypes group_norm is called with, and whether autocast is on at the call (then autocast decides its
+    precision: float32 on CUDA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "group_norm":
+            given = {**dict(zip(("input", "num_groups", "weight", "bias"), args)), **(kwargs or {})}
+            x, weight, bias = given["input"], given["weight"], given["bias"]
+            self.calls.append((x.dtype, weight.dtype, bias.dtype, torch.is_autocast_enabled(x.device.type)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_group_norm_runs_in_the_autocast_dtype_where_autocast_would_run_it_in_float32(monkeypatch) -> None:
+    """CUDA autocast runs group_norm in float32 (casting bf16 activations up, and SiLU after it then runs in float32
+    too); the U-Net's GroupNorm runs it in the autocast dtype instead, with autocast off for the call. Tried on the
+    CPU by naming the CPU among the devices it does that on; by default the CPU's GroupNorm is nn.GroupNorm."""
+    torch.manual_seed(0)
+    norm, plain = group_norm(32, 8), nn.GroupNorm(8, 32, eps=1e-6)
+    with torch.no_grad():
+        for p, q in zip(norm.parameters(), plain.parameters()):
+            p.normal_()
+            q.copy_(p)
+    x = torch.randn(4, 32, 8, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), GroupNormCalls() as mode:  # the default: the CPU as it was
+        assert torch.equal(norm(x), plain(x))
+    assert mode.calls == [(torch.bfloat16, torch.float32, torch.float32, True)] * 2
+
+    monkeypatch.setattr(unet, "NORM_IN_AUTOCAST_DTYPE", ("cpu",))
+    with GroupNormCalls() as mode:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = norm(x.float().requires_grad_())
+        full = norm(x.float())  # outside autocast: nn.GroupNorm as it is
+    assert mode.calls == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, False),
+                          (torch.float32, torch.float32, torch.float32, False)]
+    assert low.dtype == torch.bfloat16 and torch.equal(full, plain(x.float()))
+    torch.testing.assert_close(low.float(), full, atol=0.05, rtol=0.02)  # bf16 rounding of the same norm
+    low.float().pow(2).sum().backward()
+    assert norm.weight.grad.dtype == torch.float32 and norm.bias.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("heads", [1, 2])
