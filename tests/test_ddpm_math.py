@@ -1,5 +1,6 @@
 """The DDPM's math against closed forms and Monte-Carlo estimates (Ho et al. 2020; Nichol & Dhariwal 2021)."""
 
+import io
 import math
 
 import numpy as np
@@ -353,8 +354,8 @@ def test_the_loss_history_of_a_whole_batch_is_each_value_appended_in_turn(T):
     in one batch, a full step's history moving on; the same history and counts as appending one by one."""
     d = make_diffusion(T=T, loss_type="vlb", var_type="fixed_small", timestep_sampler="importance")
     g = torch.Generator().manual_seed(0)
-    for size in [1, 25, 7, 40, 3, 64, 2, 30] * 8:
-        t = torch.randint(T, (size,), generator=g)
+    for i, size in enumerate([1, 25, 7, 40, 3, 64, 2, 30] * 8):
+        t = torch.randint(T, (size,), generator=g, dtype=torch.int32 if i % 2 else torch.int64)
         losses = torch.randn(size, generator=g, dtype=torch.float64)
         expected = one_by_one(d.loss_history, d.loss_history_count, t, losses)
         d.update_loss_history(t, losses)
@@ -372,6 +373,18 @@ def test_whether_the_history_is_full_is_remembered_and_looked_at_anew_when_a_his
     assert d.history_full()  # remembered, not read again
     d.load_state_dict(empty)
     assert not d.history_full()
+    d.update_loss_history(torch.tensor([0, 1] * 10), torch.ones(20, dtype=torch.float64))
+    assert d.history_full()
+    copy = torch.load(io.BytesIO(save(d)), weights_only=False)  # a whole module still pickles, and loads anew
+    assert copy.history_full() and torch.equal(copy.loss_history, d.loss_history)
+    copy.load_state_dict(empty)
+    assert not copy.history_full() and d.history_full()
+
+
+def save(module: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
 
 
 def test_the_loss_history_keeps_the_last_ten_values_of_each_step_in_order():

@@ -50,8 +50,10 @@ def test_the_curves_end_at_the_final_held_out_bound_and_a_fid_line_is_not_a_term
     shutil.copytree(runs[0], folder)
     with open(folder / "metrics.jsonl", "a") as f:  # what --fid-every writes after the last step's line
         f.write(json.dumps({"step": 8, "fid": 300.0, "kid": 0.3, "kid_std": 0.01, "fid_num": 6}) + "\n")
+        # a skipped NaN/Inf step between metrics lines, of a loss that computed no bound there (the simple loss)
+        f.write(json.dumps({"step": 9, "loss": None, "mse": 0.5, "lr": 1e-3, "nonfinite": "the loss"}) + "\n")
     run = Run(folder)
-    assert run.terms == ["steps", "prior"]  # the bound's terms, from the last training line
+    assert run.terms == ["steps", "prior"]  # the bound's terms, from the last training line that has them
     final = [e for e in run.evaluations if e.get("when") == "training"][-1]
     assert run.curves[-1] == {"step": 8, "heldout_bpd": final["bpd"]} and len(run.curves) == len(run.metrics) + 1
 

@@ -18,7 +18,7 @@ from elbox.objectives.ddpm import DDPMConfig
 from elbox.objectives.diffusion import GaussianDiffusion
 from elbox.objectives.latent import LDMConfig
 from elbox.objectives.terms import Terms
-from elbox.objectives.vae import VAEConfig
+from elbox.objectives.vae import VAE, VAEConfig
 from elbox.training import loop
 from elbox.training.loop import train
 
@@ -105,10 +105,15 @@ def test_latent_diffusion_with_a_simple_loss_prior(monkeypatch, tmp_path, end_to
         if mode == "every step":
             always_the_bound(monkeypatch)
         calls, has_bound = bound_terms_per_step(monkeypatch)
+        decoded = []  # the VAE's half of the bound: a decoder pass
+        real_decoder = VAE.log_px_given_z
+        monkeypatch.setattr(VAE, "log_px_given_z",
+                            lambda self, *a, **k: decoded.append(1) or real_decoder(self, *a, **k))
         train(cfg, tmp_path / mode)
         if mode == "when logged":
             assert calls == per_step
             assert has_bound == {s: end_to_end or s % 2 == 0 for s in range(1, 5)}  # the whole bound, or none
+            assert len(decoded) == sum(per_step.values())  # the VAE's half only with the prior's
         monkeypatch.undo()
     rows = [without_speed(metrics(tmp_path / mode)) for mode in ("every step", "when logged")]
     assert rows[0] == rows[1] and [r["step"] for r in rows[1]] == [2, 4]

@@ -115,7 +115,8 @@ class Run:
     def terms(self) -> list[str]:
         fixed = {"step", "loss", "nelbo", "bpd", "lr", "grad_norm", "images_per_s", "skipped", "mse", "heldout_bpd",
                  "nonfinite", "stopped"}
-        last = next((m for m in reversed(self.metrics) if "loss" in m), {})  # not a FID or held-out line
+        # the last line with the bound: not a FID or held-out line, nor a NaN/Inf one of a step that computed no bound
+        last = next((m for m in reversed(self.metrics) if "nelbo" in m), {})
         return [k for k in last if k not in fixed]
 
     @property

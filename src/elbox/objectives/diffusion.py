@@ -129,7 +129,7 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("loss_history", torch.zeros(T, 10, dtype=torch.float64))
         self.register_buffer("loss_history_count", torch.zeros(T, dtype=torch.long))
         self._history_full = False  # remembered once true (``history_full``); a loaded history is looked at anew
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_history_full", False))
+        self.register_load_state_dict_post_hook(_look_at_the_history_anew)  # a function: the module still pickles
 
     # ----------------------------------------------------------------------------------------------- helpers
     @property
@@ -290,7 +290,7 @@ class GaussianDiffusion(nn.Module):
                 dist.all_gather(t_all, t)
                 dist.all_gather(l_all, losses)
                 t, losses = torch.cat(t_all), torch.cat(l_all)
-            self._record(t.reshape(-1), losses.reshape(-1).double())
+            self._record(t.reshape(-1).long(), losses.reshape(-1).double())
 
     def _record(self, t: Tensor, losses: Tensor) -> None:
         """Append each L_t (in the batch's order) to its step's last-10 history, on the device: the same result as
@@ -321,6 +321,11 @@ class GaussianDiffusion(nn.Module):
         if not self._history_full:
             self._history_full = bool((self.loss_history_count >= self.loss_history.shape[1]).all())
         return self._history_full
+
+
+def _look_at_the_history_anew(module: GaussianDiffusion, incompatible_keys) -> None:
+    """After a load_state_dict: the loaded loss history may not be full (``history_full``)."""
+    module._history_full = False
 
 
 class MixedDenoiser(nn.Module):

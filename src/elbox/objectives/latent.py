@@ -182,13 +182,14 @@ class LDM(ELBOModel):
         self.check_input(x)
         z, logvar = self._encode(x, None)
         s = self.latent_scale.to(z.dtype)
-        own = Terms(terms=self._vae_terms(x, z, logvar), dims=self.dims)
         if not self.config.end_to_end:
             prior = self.prior.losses(z * s, step=step)
-            if not prior.has_bound:  # loss_only, and the prior's loss needs none: the VAE's half alone is no bound
+            if not prior.has_bound:  # loss_only, and the prior's loss needs none: nor the VAE's half (a decoder pass)
                 return dataclasses.replace(prior.prefixed("prior"), dims=self.dims)
+            own = Terms(terms=self._vae_terms(x, z, logvar), dims=self.dims)
             return Terms.merge([own, prior.prefixed("prior")], dims=self.dims, loss=prior.loss,
                                loss_unit=prior.loss_unit)
+        own = Terms(terms=self._vae_terms(x, z, logvar), dims=self.dims)
         with loss_only():  # its terms would be dropped: the bound here is bound_estimate's
             prior = self.prior.losses((z * s).detach(), step=step)
         bound = Terms.merge([own, self.prior.bound_estimate(z * s).prefixed("prior")], dims=self.dims)
