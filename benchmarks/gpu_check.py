@@ -248,6 +248,8 @@ def steady_images_per_s(run: Path) -> float:
 
 
 def stage_cifar(args) -> dict:
+    """``elbox train`` on CIFAR-10 at batch 128 in each variant, with issue 13's ``--loss simple --var-type
+    fixed_large`` (its side-by-side table's configuration)."""
     variants = {
         "fp32_tf32": [],
         "bf16": ["--precision", "bf16"],
@@ -278,7 +280,7 @@ def stage_cifar(args) -> dict:
         cmd = [sys.executable, "-c", code, "train", "--out", str(run), "--data", "cifar10", "--data-dir", args.cifar_dir,
                "--net", args.cifar_net, "--batch-size", "128", "--steps", str(steps), "--log-every", "10",
                "--checkpoint-every", "100000", "--final-eval-examples", "0", "--num-samples", "4", "--quiet",
-               "--hflip", "--device", args.device, *flags]
+               "--hflip", "--device", args.device, "--loss", "simple", "--var-type", "fixed_large", *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             out[name] = f"failed: {proc.stderr[-1500:]}"
