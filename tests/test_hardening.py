@@ -43,6 +43,8 @@ def tiny_run(tmp_path_factory):
     (["--data", "nosuchset"], "nosuchset"),
     (["--channels", "2"], "channels"),
     (["--compile", "--compile-backend", "nobackend"], "compile_backend"),
+    (["--compile", "--compile-backend", "aot_eager", "--compile-mode", "reduce-overhead"],
+     "compile_mode='reduce-overhead' needs compile_backend='inductor' (not 'aot_eager')"),
     # vectors a likelihood cannot take: refused before anything is written (they failed at the first step)
     (["--data", "toy2d:moons", "--data-kind", "8bit", "--net", "mlp"],
      "the training data toy2d:moons: this ddpm (data_kind='8bit') models 8-bit data on the grid of [-1, 1]"),

@@ -19,6 +19,7 @@ the trainer seeds it). Tiny models on the embedded 8x8 digits, on the CPU.
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -302,6 +303,27 @@ def test_compile_uses_the_chosen_backend_and_rejects_an_unknown_one(tmp_path):
         train(tiny(steps=1, compile=True, compile_backend="no-such"), tmp_path / "d")
     listed = str(e.value).split("choose one of ", 1)[1].split(", ")
     assert set(listed) == set(torch._dynamo.list_backends(exclude_tags=())) and "inductor" in listed
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ELBOX_SLOW"), reason="inductor's C++ compilation, a minute on a CPU; "
+                    "ELBOX_SLOW=1 runs it")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_mode_reaches_inductor(tmp_path, mode):
+    """compile_mode is inductor's mode: reduce-overhead asks for CUDA graphs, which inductor skips on a CPU and
+    counts as skipped; the default mode asks for none. (Whether the graphs pay on a GPU: benchmarks/gpu_check.py.)"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        train(tiny("vae", steps=2, lr=1e-3, compile=True, compile_mode=mode), tmp_path / "c")
+        assert counters["stats"]["unique_graphs"] > 0, dict(counters)  # inductor compiled the networks
+        assert (counters["inductor"]["cudagraph_skips"] > 0) == (mode == "reduce-overhead"), dict(counters)
+    finally:
+        torch._dynamo.reset()
+        counters.clear()
 
 
 def test_tensor_digests_tell_bit_identical_tensors_apart_from_any_change():

@@ -30,6 +30,8 @@ MODELS: dict[str, tuple[type, type]] = {
 }
 
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
+# torch.compile's modes (inductor): reduce-overhead and max-autotune also capture CUDA graphs on a GPU
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 @dataclass
@@ -72,6 +74,7 @@ class TrainConfig:
     precision: Precision = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + gradient scaler), auto (bf16 where the hardware has it natively)
     compile: bool = False  # torch.compile the networks
     compile_backend: str = "inductor"  # the torch.compile backend (inductor; aot_eager or eager to debug a compile problem)
+    compile_mode: CompileMode = "default"  # torch.compile's mode (inductor only); reduce-overhead: CUDA graphs
     channels_last: bool = False  # channels-last memory format for the networks (faster convolutions on GPUs)
     device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda when available)
     seed: int = 0  # seeds the weights, the data order and every random draw of training

@@ -159,7 +159,7 @@ def set_up(cfg: RunConfig, dataset: Dataset, model: ELBOModel, out: Path, folder
 
     # 4. Speed and scale: compile the networks; DDP averages the gradients across processes.
     if t.compile:
-        compile_networks(model, t.compile_backend)
+        compile_networks(model, t.compile_backend, t.compile_mode)
     if info.enabled:
         device_ids = [info.device] if info.device.type == "cuda" else None
         run.loss_module = DistributedDataParallel(run.loss_module, device_ids=device_ids)
@@ -207,6 +207,9 @@ def check_setup(t: TrainConfig, info: DistInfo) -> int:  # pragma: no mutate blo
         if t.compile_backend not in known:
             raise UserError(f"compile_backend={t.compile_backend!r} is not known to torch.compile; choose one of "
                             f"{', '.join(known)}")
+        if t.compile_mode != "default" and t.compile_backend != "inductor":  # modes are inductor's settings
+            raise UserError(f"compile_mode={t.compile_mode!r} needs compile_backend='inductor' (not "
+                            f"{t.compile_backend!r}); drop --compile-mode or use --compile-backend inductor")
     devices.resolve_precision(t.precision, info.device)  # fp16 needs a GPU: refused here, before anything is built
     if t.batch_size % (info.world_size * t.grad_accum):
         raise UserError(f"batch_size={t.batch_size} must be divisible by processes ({info.world_size}) x "
@@ -219,10 +222,12 @@ def micro_rows(t: TrainConfig, info: DistInfo) -> list[torch.Tensor]:
     # on the training device: the draws keep these rows of the global batch's draws without a copy from the host
     return list(torch.arange(info.rank, t.batch_size, info.world_size, device=info.device).chunk(t.grad_accum))
 
-def compile_networks(model: ELBOModel, backend: str) -> None:
+def compile_networks(model: ELBOModel, backend: str, mode: str = "default") -> None:
     """torch.compile each network of the model in place (state-dict names unchanged; the objective's math and its
     random draws stay eager). A model made of models (latent diffusion: a VAE and a DDPM) has its parts' networks
-    compiled: a part's own forward is never called."""
+    compiled: a part's own forward is never called. ``mode`` is inductor's (``config.CompileMode``):
+    reduce-overhead replays each network's forward and backward as CUDA graphs on a GPU (cudagraph trees, which
+    see for themselves when a step's outputs are no longer used); on a CPU it compiles as the default does."""
     import torch._dynamo
 
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
@@ -230,9 +235,10 @@ def compile_networks(model: ELBOModel, backend: str) -> None:
                         f"choose one of {', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
     for child in model.children():
         if isinstance(child, ELBOModel):
-            compile_networks(child, backend)
+            compile_networks(child, backend, mode)
         elif any(True for _ in child.parameters()):
-            child.compile(backend=backend)
+            # torch.compile passes a mode other than the default on to the backend; only inductor takes one
+            child.compile(backend=backend, **({} if mode == "default" else {"mode": mode}))
 
 def _read_latest(out: Path, checkpoint_every: int) -> ckpt.Checkpoint | None:  # pragma: no mutate block
     """The newest valid checkpoint of the run (invalid newer ones are moved aside, with a note). A run whose
