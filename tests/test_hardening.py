@@ -45,6 +45,8 @@ def tiny_run(tmp_path_factory):
     (["--compile", "--compile-backend", "nobackend"], "compile_backend"),
     (["--compile", "--compile-backend", "aot_eager", "--compile-mode", "reduce-overhead"],
      "compile_mode='reduce-overhead' needs compile_backend='inductor' (not 'aot_eager')"),
+    (["--compile", "--compile-mode", "max-autotune", "--grad-accum", "2"],
+     "compile_mode='max-autotune' (CUDA graphs) cannot accumulate gradients (grad_accum=2)"),
     # vectors a likelihood cannot take: refused before anything is written (they failed at the first step)
     (["--data", "toy2d:moons", "--data-kind", "8bit", "--net", "mlp"],
      "the training data toy2d:moons: this ddpm (data_kind='8bit') models 8-bit data on the grid of [-1, 1]"),

@@ -210,6 +210,10 @@ def check_setup(t: TrainConfig, info: DistInfo) -> int:  # pragma: no mutate blo
         if t.compile_mode != "default" and t.compile_backend != "inductor":  # modes are inductor's settings
             raise UserError(f"compile_mode={t.compile_mode!r} needs compile_backend='inductor' (not "
                             f"{t.compile_backend!r}); drop --compile-mode or use --compile-backend inductor")
+        if t.compile_mode in ("reduce-overhead", "max-autotune") and t.grad_accum > 1:
+            # a CUDA graph's gradient becomes .grad and the next micro-batch's replay overwrites it (pytorch#169545)
+            raise UserError(f"compile_mode={t.compile_mode!r} (CUDA graphs) cannot accumulate gradients "
+                            f"(grad_accum={t.grad_accum}); use --grad-accum 1 or --compile-mode default")
     devices.resolve_precision(t.precision, info.device)  # fp16 needs a GPU: refused here, before anything is built
     if t.batch_size % (info.world_size * t.grad_accum):
         raise UserError(f"batch_size={t.batch_size} must be divisible by processes ({info.world_size}) x "
