@@ -361,6 +361,23 @@ def test_precision_auto_is_bf16_where_the_cpu_has_it_natively_and_is_saved_resol
     assert session.resolve_precision(fixed, torch.device("cpu")).train.precision == "fp32"  # only auto is resolved
 
 
+def test_bf16_by_name_on_a_cpu_without_native_bf16_is_called_emulated(tmp_path, monkeypatch, capsys):
+    """`--precision bf16` (train and sample) on a CPU that lists neither AVX512-BF16 nor AMX: one note that bf16 is
+    emulated there, and that auto picks fp32; no note where it is native, for fp32, or where the flags are unknown."""
+    from elbox import devices
+
+    note = "elbox: note: --precision bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated here"
+    for flags, precision, said in (({"avx2", "avx512f"}, "bf16", True), ({"avx2", "avx512_bf16"}, "bf16", False),
+                                   ({"avx2"}, "fp32", False), (set(), "bf16", False)):
+        monkeypatch.setattr(devices, "cpu_flags", lambda flags=flags: flags)
+        run = tmp_path / f"{precision}-{len(flags)}-{said}"
+        run_train("--out", run, *TINY, "--steps", "1", "--final-eval-examples", "0", "--precision", precision)
+        assert (note in capsys.readouterr().err) == said, (flags, precision)
+        assert main(["sample", str(run), "--num", "2", "--precision", precision, "--out", str(tmp_path / "s")]) == 0
+        assert (note in capsys.readouterr().err) == said, (flags, precision)
+    assert devices.emulated_bf16_note("bf16", torch.device("cuda")) is None  # a GPU's bf16 is its own matter
+
+
 def test_samples_are_drawn_in_the_precision_asked_for(tmp_path, monkeypatch):
     """`elbox sample --precision` and the training's sample grid (in the precision training ran in) run the network
     under that autocast: its outputs are bf16 there, fp32 otherwise; the samples come back as fp32 images, close to

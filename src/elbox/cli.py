@@ -268,6 +268,7 @@ def _vae_data(vae_run: str) -> DataConfig:
 
 
 def cmd_sample(argv: list[str]) -> int:
+    from elbox import devices
     from elbox.api import load, write_sample_png
 
     p = OneLineParser(prog=f"{PROG} sample", description="Draw samples from a trained run and write them as a PNG grid "
@@ -281,6 +282,8 @@ def cmd_sample(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     cfg = build_dataclass(SampleConfig, given(ns, "sample"), "sample")
     model = load(ns.run, ema=cfg.ema, device=cfg.device)
+    if note := devices.emulated_bf16_note(cfg.precision, next(model.parameters()).device):
+        print(f"{PROG}: note: {note}", file=sys.stderr, flush=True)
     path = write_sample_png(model, ns.run, cfg, ns.out, progress=True)
     print(f"elbox: wrote {path}", flush=True)
     return 0

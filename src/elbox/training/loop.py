@@ -129,6 +129,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
         # the data or the model's settings stops here, before the run folder exists.
         dataset = cfg.data.load("train")
         cfg = resolve_precision(resolve(cfg, DATA_KINDS[dataset.kind]), info.device)
+        if info.is_main and (note := devices.emulated_bf16_note(cfg.train.precision, info.device)):
+            print(f"elbox: note: {note}", file=sys.stderr, flush=True)
         torch.manual_seed(cfg.train.seed)  # the initial weights: the same on every rank
         model = build_model(cfg, dataset.shape)
         if dataset.data.is_floating_point():  # vectors pass as they are (uint8 images are mapped into range)
