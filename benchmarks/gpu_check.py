@@ -325,6 +325,19 @@ def stage_small28(args) -> dict:
     return out
 
 
+def seconds_per_pass(net, x: torch.Tensor, t: torch.Tensor, device: str, dtype: torch.dtype) -> float:
+    """One forward pass of ``net`` on (x, t), in seconds: the mean of 20 after 3 of warm-up; bf16 under autocast."""
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is torch.bfloat16):
+        for _ in range(3):
+            net(x, t)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(20):
+            net(x, t)
+        sync(device)
+    return (time.perf_counter() - start) / 20
+
+
 def stage_sampling(args) -> dict:
     import elbox
 
@@ -343,36 +356,19 @@ def stage_sampling(args) -> dict:
     net = model.net
     x = torch.randn(256, 3, 32, 32, device=args.device)
     t_ = torch.full((256,), 500, device=args.device, dtype=torch.long)
-    with torch.no_grad():
-        for dtype in (torch.float32, torch.bfloat16):
-            with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is torch.bfloat16):
-                for _ in range(3):
-                    net(x, t_)
-                sync(args.device)
-                start = time.perf_counter()
-                for _ in range(20):
-                    net(x, t_)
-                sync(args.device)
-            per = (time.perf_counter() - start) / 20
-            out[f"net_forward_b256_{str(dtype).split('.')[-1]}_ms"] = per * 1e3
-            out[f"ancestral_1000_steps_50k_images_hours_{str(dtype).split('.')[-1]}"] = per * 1000 * 50000 / 256 / 3600
+    for dtype in (torch.float32, torch.bfloat16):
+        per = seconds_per_pass(net, x, t_, args.device, dtype)
+        out[f"net_forward_b256_{str(dtype).split('.')[-1]}_ms"] = per * 1e3
+        out[f"ancestral_1000_steps_50k_images_hours_{str(dtype).split('.')[-1]}"] = per * 1000 * 50000 / 256 / 3600
     # the sampler's network compiled with CUDA graphs (issue 13's goal: 1000-step ancestral sampling >= 40 img/s at
     # batch 256, i.e. <= 6.4 ms a pass), bf16
     from elbox.training.session import compile_networks
 
     compile_networks(model, "inductor", "reduce-overhead")
-    device_type = torch.device(args.device).type
-    with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16):
-        for _ in range(3):  # compiles, records the graph
-            net(x, t_)
-        sync(args.device)
-        start = time.perf_counter()
-        for _ in range(20):
-            net(x, t_)
-        sync(args.device)
-        per = (time.perf_counter() - start) / 20
-        out["net_forward_b256_bfloat16_compiled_reduce_overhead_ms"] = per * 1e3
-        out["ancestral_1000_steps_b256_images_per_s_compiled_reduce_overhead"] = 256 / (per * 1000)
+    per = seconds_per_pass(net, x, t_, args.device, torch.bfloat16)  # its warm-up compiles and records the graph
+    out["net_forward_b256_bfloat16_compiled_reduce_overhead_ms"] = per * 1e3
+    out["ancestral_1000_steps_b256_images_per_s_compiled_reduce_overhead"] = 256 / (per * 1000)
+    with torch.no_grad(), torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
         model.sample(256, sampler="ddim", steps=2)  # warm-up of the whole step at batch 256
         sync(args.device)
         t = time.perf_counter()
