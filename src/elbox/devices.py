@@ -46,8 +46,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def emulated_bf16_note(precision: str, device: torch.device) -> str | None:
     """A one-line note where bf16 was asked for by name on a CPU that lists its features (Linux) but neither
     AVX512-BF16 nor AMX: torch then runs bf16 convolutions on its slow reference kernel, not oneDNN's (on such an
-    AMD EPYC with AVX2, 2 threads: a 3x3 convolution, 64 channels, 32x32, batch 16, 630 ms against 12 ms in fp32; a
-    forward pass of the `micro` U-Net at batch 64, 3.6 s against 0.25 s). None elsewhere."""
+    AMD EPYC with AVX2, 2 threads: a 3x3 convolution, 64 channels, 32x32, batch 16, 630 ms against 12 ms in fp32).
+    None elsewhere."""
     flags = cpu_flags()
     if precision != "bf16" or device.type != "cpu" or not flags or flags & {"avx512_bf16", "amx_bf16"}:
         return None
