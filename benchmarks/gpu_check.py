@@ -23,7 +23,8 @@ stage is recorded and the next one runs:
    10-step windows after the first), peak GPU memory, wall time.
    ``small28`` — U-Net ``small`` on 28x28 MNIST at batch 128, bf16: eager, compiled, compiled with CUDA graphs.
 4. ``sampling`` — DDIM 50 steps with the cifar model, and one network pass (fp32, bf16), at batch 256; then both
-   in bf16 with the network compiled with CUDA graphs (``compile_networks(model, "inductor", "reduce-overhead")``).
+   in bf16 with the network compiled with CUDA graphs (``compile_networks(model, "inductor", "reduce-overhead")``),
+   and ``elbox sample --compile --compile-mode reduce-overhead`` as a user runs it (wall time).
    ``fid`` — a CIFAR-10 model trained for ``--fid-train-steps`` (bf16 where native), then FID/KID of ``--fid-num``
    DDIM-50 samples against the training split of the JPEG q75 copy (needs the FID weights on that machine).
 5. ``fp16`` — the digits model with fp16 autocast + gradient scaler: finite, held-out bound printed.
@@ -362,7 +363,7 @@ def stage_sampling(args) -> dict:
         out[f"ancestral_1000_steps_50k_images_hours_{str(dtype).split('.')[-1]}"] = per * 1000 * 50000 / 256 / 3600
     # the sampler's network compiled with CUDA graphs (issue 13's goal: 1000-step ancestral sampling >= 40 img/s at
     # batch 256, i.e. <= 6.4 ms a pass), bf16
-    from elbox.training.session import compile_networks
+    from elbox.compiling import compile_networks
 
     compile_networks(model, "inductor", "reduce-overhead")
     per = seconds_per_pass(net, x, t_, args.device, torch.bfloat16)  # its warm-up compiles and records the graph
@@ -375,6 +376,14 @@ def stage_sampling(args) -> dict:
         model.sample(256, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=50)
         sync(args.device)
         out["ddim50_b256_images_per_s_bf16_compiled_reduce_overhead"] = 256 / (time.perf_counter() - t)
+    # the same as a user runs it: `elbox sample --compile` (wall time: loading, compiling, recording, drawing)
+    try:
+        _, wall = elbox_cmd("sample", run, "--num", 256, "--sampler", "ddim", "--sampling-steps", 50, "--precision",
+                            "bf16", "--compile", "--compile-mode", "reduce-overhead", "--device", args.device, "--out",
+                            Path(args.work) / "sample-cli.npz", timeout=240)
+        out["cli_sample_ddim50_b256_bf16_compiled_reduce_overhead_wall_s"] = wall
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        out["cli_sample_ddim50_b256_bf16_compiled_reduce_overhead_wall_s"] = f"failed: {str(e)[-800:]}"
     return out
 
 
@@ -451,7 +460,7 @@ def stage_pytest(args) -> dict:
 
 STAGES = [("correct", stage_correct, 30), ("nosync", stage_nosync, 60), ("main_job", stage_main_job, 90), ("peers", stage_peers, 200),
           ("cifar", stage_cifar, 180), ("small28", stage_small28, 90),
-          ("sampling", stage_sampling, 30), ("fid", stage_fid, 240), ("fp16", stage_fp16, 40), ("vae", stage_vae, 40), ("torchrun", stage_torchrun, 40),
+          ("sampling", stage_sampling, 90), ("fid", stage_fid, 240), ("fp16", stage_fp16, 40), ("vae", stage_vae, 40), ("torchrun", stage_torchrun, 40),
           ("pytest", stage_pytest, 60)]
 
 

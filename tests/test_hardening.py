@@ -223,6 +223,36 @@ def test_sample_out_npz_holds_the_samples_themselves_as_uint8_nhwc(tiny_run, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s-1.npz", "s.npz"]  # no temporary file left behind
 
 
+def test_sample_and_evaluate_compile_the_networks_and_give_the_same_numbers(tiny_run, tmp_path, capsys):
+    """--compile on sample and evaluate hands the loaded networks to torch.compile (aot_eager here: inductor takes
+    minutes on a CPU), and the samples and the bound are those of the eager networks. (Whether CUDA graphs pay:
+    benchmarks/gpu_check.py's sampling stage.)"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    draws = ["--num", "5", "--seed", "4", "--sampler", "ddim", "--sampling-steps", "3"]
+    assert main(["sample", str(tiny_run), *draws, "--out", str(tmp_path / "eager.npz")]) == 0
+    assert main(["evaluate", str(tiny_run), "--examples", "6", "--json"]) == 0
+    eager = json.loads(capsys.readouterr().out.splitlines()[-1])
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = ["--compile", "--compile-backend", "aot_eager"]
+        assert main(["sample", str(tiny_run), *draws, *compiled, "--out", str(tmp_path / "compiled.npz")]) == 0
+        sampled = counters["stats"]["unique_graphs"]
+        assert counters["frames"]["ok"] > 0 and sampled > 0, dict(counters)
+        assert main(["evaluate", str(tiny_run), "--examples", "6", "--json", *compiled]) == 0
+        assert counters["stats"]["unique_graphs"] > sampled, dict(counters["stats"])  # a new load, compiled anew
+    finally:
+        torch._dynamo.reset()
+        counters.clear()
+    again = json.loads(capsys.readouterr().out.splitlines()[-1])
+    # aot_eager runs the eager kernels: the same numbers to the bit
+    assert again["bpd"] == eager["bpd"] and again["examples"] == eager["examples"] == 6
+    with np.load(tmp_path / "eager.npz") as a, np.load(tmp_path / "compiled.npz") as b:
+        assert (a["arr_0"] == b["arr_0"]).all() and a["arr_0"].std() > 0
+
+
 def test_an_npz_holds_prior_samples_only(tmp_path, capsys):
     run = tmp_path / "vae"
     assert main(["train", "vae", "--out", str(run), "--hidden", "16", "--latent-dim", "2", "--steps", "2",
@@ -242,6 +272,11 @@ def test_an_npz_holds_prior_samples_only(tmp_path, capsys):
     (["sample", "RUN", "--precision", "bf17"], "bf17"),
     (["sample", "RUN", "--eta", "0.5"], "--eta 0.5 is DDIM's"),  # before anything is loaded or drawn
     (["evaluate", "RUN", "--metric", "fid", "--eta", "0.5", "--fid-weights", "/nonexistent.pt"], "--eta 0.5 is DDIM's"),
+    (["sample", "RUN", "--compile-mode", "reduce-overhead"], "--compile-mode takes effect with --compile only"),
+    (["evaluate", "RUN", "--compile-backend", "eager"], "--compile-backend takes effect with --compile only"),
+    (["sample", "RUN", "--compile", "--compile-backend", "nobackend"], "compile_backend='nobackend' is not known"),
+    (["evaluate", "RUN", "--compile", "--compile-backend", "eager", "--compile-mode", "reduce-overhead"],
+     "compile_mode='reduce-overhead' needs compile_backend='inductor' (not 'eager')"),
 ])
 def test_sample_and_evaluate_settings_are_checked(tiny_run, capsys, argv, words):
     assert main([str(tiny_run) if a == "RUN" else a for a in argv]) == 2

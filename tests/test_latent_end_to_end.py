@@ -214,7 +214,7 @@ def test_compile_reaches_the_networks_inside_the_vae_and_the_prior(e2e):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from elbox.training.session import compile_networks
+    from elbox.compiling import compile_networks
 
     torch.manual_seed(0)
     model = LDM(LDMConfig(timesteps=4, latent_scale=1.0, end_to_end=e2e), (6,),

@@ -13,6 +13,7 @@ _EXPORTS = {
     "load": "elbox.api",
     "evaluate": "elbox.api",
     "train": "elbox.training.loop",
+    "compile_networks": "elbox.compiling",  # torch.compile a model's networks (what --compile does)
     "RunConfig": "elbox.config",
     "DataConfig": "elbox.config",
     "TrainConfig": "elbox.config",

@@ -267,6 +267,14 @@ def _vae_data(vae_run: str) -> DataConfig:
     return build_dataclass(DataConfig, desc.get("data", {}), "data")
 
 
+def _compile(model, cfg: SampleConfig | EvaluateConfig) -> None:
+    """--compile: torch.compile the loaded model's networks (the first batch then waits for the compiler)."""
+    if cfg.compile:
+        from elbox.compiling import compile_networks
+
+        compile_networks(model, cfg.compile_backend, cfg.compile_mode)
+
+
 def cmd_sample(argv: list[str]) -> int:
     from elbox import devices
     from elbox.api import load, write_sample_png
@@ -282,6 +290,7 @@ def cmd_sample(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     cfg = build_dataclass(SampleConfig, given(ns, "sample"), "sample")
     model = load(ns.run, ema=cfg.ema, device=cfg.device)
+    _compile(model, cfg)
     if note := devices.emulated_bf16_note(cfg.precision, next(model.parameters()).device):
         print(f"{PROG}: note: {note}", file=sys.stderr, flush=True)
     path = write_sample_png(model, ns.run, cfg, ns.out, progress=True)
@@ -301,6 +310,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     cfg = build_dataclass(EvaluateConfig, given(ns, "evaluate"), "evaluate")
     model = load(ns.run, ema=cfg.ema, device=cfg.device)
+    _compile(model, cfg)
     result = evaluate(model, ns.run, cfg, progress=not ns.json)
     if cfg.metric in ("fid", "kid"):
         if ns.json:

