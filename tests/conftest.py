@@ -6,12 +6,22 @@ from pathlib import Path
 
 import pytest
 
-# Tests are CPU-only and deterministic; keep torch from oversubscribing the 2 cores of CI.
+# Tests are CPU-only and deterministic; keep torch from oversubscribing the cores: 2 threads, or under pytest-xdist
+# (README's `-n 2`: CI's 2 cores) the cores shared among the workers (pytest_configure, below, before the workers
+# start: they and the subprocesses the tests start inherit it). A value the user set is kept.
+# (the first process to read this, pytest's own, tells the workers whether the user gave a value)
+os.environ.setdefault("ELBOX_TEST_THREADS_GIVEN", "1" if "OMP_NUM_THREADS" in os.environ else "0")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 # The fixtures that train a model or load a network once for a test file are session-scoped: built once however
 # the tests are ordered. Under mutmut a mutant's tests run by duration (below), moving between files and back, and
 # pytest tears a module-scoped fixture down each time it leaves its file.
+
+
+def pytest_configure(config) -> None:
+    workers = getattr(config.option, "numprocesses", None)
+    if os.environ["ELBOX_TEST_THREADS_GIVEN"] == "0" and isinstance(workers, int) and workers > 1:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // workers))
 
 
 def pytest_collection_modifyitems(items: list) -> None:

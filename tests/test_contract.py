@@ -4,6 +4,7 @@ does not depend on training."""
 
 import ast
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -375,3 +376,13 @@ def test_the_importance_weighted_estimate_in_chunks_is_log_mean_exp_and_refuses_
     for chunk in (0, -1, 1.5):
         with pytest.raises(UserError, match=f"chunk must be an integer >= 1; got {chunk}"):
             log_mean_exp_in_chunks(lambda n: torch.zeros(n, 3), 4, chunk)
+
+
+def test_pytest_xdist_workers_share_the_cores():
+    """README's `pytest -n 2`: each worker, and each subprocess it starts, gets its share of the cores' threads
+    (two workers at two threads each made a 2-core machine's suite slower than one process)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or os.environ["ELBOX_TEST_THREADS_GIVEN"] == "1":
+        pytest.skip("not under pytest-xdist with its own thread count (README's `pytest -n 2` runs this)")
+    assert int(os.environ["OMP_NUM_THREADS"]) == max(1, (os.cpu_count() or 2) // workers)
+
