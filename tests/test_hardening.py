@@ -241,6 +241,7 @@ def test_sample_and_evaluate_compile_the_networks_and_give_the_same_numbers(tiny
         assert main(["sample", str(tiny_run), *draws, *compiled, "--out", str(tmp_path / "compiled.npz")]) == 0
         sampled = counters["stats"]["unique_graphs"]
         assert counters["frames"]["ok"] > 0 and sampled > 0, dict(counters)
+        assert "note: --compile: the networks are compiled at their first call (aot_eager)" in capsys.readouterr().err
         assert main(["evaluate", str(tiny_run), "--examples", "6", "--json", *compiled]) == 0
         assert counters["stats"]["unique_graphs"] > sampled, dict(counters["stats"])  # a new load, compiled anew
     finally:

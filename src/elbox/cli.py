@@ -273,6 +273,10 @@ def _compile(model, cfg: SampleConfig | EvaluateConfig) -> None:
         from elbox.compiling import compile_networks
 
         compile_networks(model, cfg.compile_backend, cfg.compile_mode)
+        mode = "" if cfg.compile_mode == "default" else f", mode {cfg.compile_mode}"
+        slow = " (inductor: minutes on a CPU)" if cfg.compile_backend == "inductor" else ""
+        print(f"{PROG}: note: --compile: the networks are compiled at their first call ({cfg.compile_backend}{mode}); "
+              f"the first batch waits for the compiler{slow}", file=sys.stderr, flush=True)
 
 
 def cmd_sample(argv: list[str]) -> int:
