@@ -390,7 +390,7 @@ def stage_sampling(args) -> dict:
     try:
         _, wall = elbox_cmd("sample", run, "--num", 256, "--sampler", "ddim", "--sampling-steps", 50, "--precision",
                             "bf16", "--compile", "--compile-mode", "reduce-overhead", "--device", args.device, "--out",
-                            Path(args.work) / "sample-cli.npz", timeout=240)
+                            Path(args.work) / "sample-cli.npz", timeout=max(60, args.budget - elapsed() - 30))
         out["cli_sample_ddim50_b256_bf16_compiled_reduce_overhead_wall_s"] = wall
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         out["cli_sample_ddim50_b256_bf16_compiled_reduce_overhead_wall_s"] = f"failed: {str(e)[-800:]}"

@@ -18,10 +18,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # pytest tears a module-scoped fixture down each time it leaves its file.
 
 
+def worker_threads(workers: int) -> int:
+    """Each of ``workers`` processes' share of the cores this process may run on (at most 2, as without xdist)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(2, cores // workers))
+
+
 def pytest_configure(config) -> None:
     workers = getattr(config.option, "numprocesses", None)
     if os.environ["ELBOX_TEST_THREADS_GIVEN"] == "0" and isinstance(workers, int) and workers > 1:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // workers))
+        os.environ["OMP_NUM_THREADS"] = str(worker_threads(workers))
 
 
 def pytest_collection_modifyitems(items: list) -> None:

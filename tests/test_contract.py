@@ -384,5 +384,7 @@ def test_pytest_xdist_workers_share_the_cores():
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers < 2 or os.environ["ELBOX_TEST_THREADS_GIVEN"] == "1":
         pytest.skip("not under pytest-xdist with its own thread count (README's `pytest -n 2` runs this)")
-    assert int(os.environ["OMP_NUM_THREADS"]) == max(1, (os.cpu_count() or 2) // workers)
+    from conftest import worker_threads
+
+    assert int(os.environ["OMP_NUM_THREADS"]) == torch.get_num_threads() == worker_threads(workers)
 

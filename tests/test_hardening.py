@@ -248,6 +248,13 @@ def test_sample_and_evaluate_compile_the_networks_and_give_the_same_numbers(tiny
         torch._dynamo.reset()
         counters.clear()
     again = json.loads(capsys.readouterr().out.splitlines()[-1])
+    # a backend torch lists but cannot run without its package (tvm): one line at the first compiled call
+    assert main(["sample", str(tiny_run), *draws, "--compile", "--compile-backend", "tvm", "--out",
+                 str(tmp_path / "tvm.npz")]) == 2
+    note, error = capsys.readouterr().err.strip().splitlines()
+    assert note.startswith("elbox: note: --compile") and "Traceback" not in error
+    assert error.startswith("elbox: error: --compile-backend tvm failed at the first compiled call: ")
+    assert error.endswith("use --compile-backend inductor (or aot_eager)") and not (tmp_path / "tvm.npz").exists()
     # aot_eager runs the eager kernels: the same numbers to the bit
     assert again["bpd"] == eager["bpd"] and again["examples"] == eager["examples"] == 6
     with np.load(tmp_path / "eager.npz") as a, np.load(tmp_path / "compiled.npz") as b:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -162,6 +163,21 @@ def _data_mode(model: ELBOModel, cfg: SampleConfig, generator: torch.Generator) 
     return model.interpolate(x[:rows], x[rows : 2 * rows], INTERPOLATION_STEPS).flatten(0, 1).cpu()
 
 
+def compile_for(model: ELBOModel, cfg: SampleConfig | EvaluateConfig) -> None:
+    """``cfg.compile``: torch.compile the model's networks in place (``elbox.compile_networks``), saying on one line
+    that the first batch waits for the compiler."""
+    if not cfg.compile:
+        return
+    from elbox.compiling import compile_networks
+
+    compile_networks(model, cfg.compile_backend, cfg.compile_mode)
+    mode = "" if cfg.compile_mode == "default" else f", mode {cfg.compile_mode}"
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    slow = " (inductor on a CPU: minutes)" if cfg.compile_backend == "inductor" and on_cpu else ""
+    print(f"elbox: note: --compile: the networks are compiled at their first call ({cfg.compile_backend}{mode}); "
+          f"the first batch waits for the compiler{slow}", file=sys.stderr, flush=True)
+
+
 def sample_png_path(out: str | Path | None, run_dir: Path, name: str, mode: str = "prior") -> Path:
     """Where samples go: ``out`` if it names a .png file (a grid) or, for prior samples, a .npz file (the samples
     themselves); ``out/name`` if it is a folder (one that exists, or a name ending in "/" or without a suffix,
@@ -235,6 +251,7 @@ def write_sample_png(model: ELBOModel, run: Path, cfg: SampleConfig, out: str | 
     run_dir = checkpoint.parent.parent
     named = checkpoint.name if Path(run).resolve() == checkpoint.resolve() else None  # a checkpoint named, not a run
     path = sample_png_path(out, run_dir, sample_file_name(model, cfg, named), cfg.mode)  # before drawing
+    compile_for(model, cfg)
     x = draw(model, cfg, progress)
     if path.suffix.lower() == ".npz":
         import numpy as np
@@ -300,6 +317,7 @@ def record_evaluation(run_dir: Path, record: dict) -> None:
 
 def evaluate(model: ELBOModel, run: Path, cfg: EvaluateConfig, progress: bool = False):
     """Measure ``model`` (loaded from ``run``) as ``cfg`` says, and record the result in the run folder."""
+    compile_for(model, cfg)
     result = _measure(model, cfg, progress)
     checkpoint = ckpt.resolve_checkpoint(run)
     record_evaluation(checkpoint.parent.parent, {"checkpoint": checkpoint.name, "ema": cfg.ema, **result.to_dict()})

@@ -267,18 +267,6 @@ def _vae_data(vae_run: str) -> DataConfig:
     return build_dataclass(DataConfig, desc.get("data", {}), "data")
 
 
-def _compile(model, cfg: SampleConfig | EvaluateConfig) -> None:
-    """--compile: torch.compile the loaded model's networks (the first batch then waits for the compiler)."""
-    if cfg.compile:
-        from elbox.compiling import compile_networks
-
-        compile_networks(model, cfg.compile_backend, cfg.compile_mode)
-        mode = "" if cfg.compile_mode == "default" else f", mode {cfg.compile_mode}"
-        slow = " (inductor: minutes on a CPU)" if cfg.compile_backend == "inductor" else ""
-        print(f"{PROG}: note: --compile: the networks are compiled at their first call ({cfg.compile_backend}{mode}); "
-              f"the first batch waits for the compiler{slow}", file=sys.stderr, flush=True)
-
-
 def cmd_sample(argv: list[str]) -> int:
     from elbox import devices
     from elbox.api import load, write_sample_png
@@ -294,7 +282,6 @@ def cmd_sample(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     cfg = build_dataclass(SampleConfig, given(ns, "sample"), "sample")
     model = load(ns.run, ema=cfg.ema, device=cfg.device)
-    _compile(model, cfg)
     if note := devices.emulated_bf16_note(cfg.precision, next(model.parameters()).device):
         print(f"{PROG}: note: {note}", file=sys.stderr, flush=True)
     path = write_sample_png(model, ns.run, cfg, ns.out, progress=True)
@@ -314,7 +301,6 @@ def cmd_evaluate(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     cfg = build_dataclass(EvaluateConfig, given(ns, "evaluate"), "evaluate")
     model = load(ns.run, ema=cfg.ema, device=cfg.device)
-    _compile(model, cfg)
     result = evaluate(model, ns.run, cfg, progress=not ns.json)
     if cfg.metric in ("fid", "kid"):
         if ns.json:
@@ -374,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if type(e).__name__ != "BackendCompilerFailed":  # torch._dynamo.exc's, named so the CLI need not import it
+            raise
+        # a backend torch lists but cannot run here (tvm, openxla without their packages): one line, not a traceback
+        reason = next((line for line in str(e).splitlines()[1:] if line.strip()), str(e).splitlines()[0])
+        print(f"{PROG}: error: --compile-backend {getattr(e, 'backend_name', '?')!s} failed at the first compiled "
+              f"call: {reason.strip().rstrip('.')}; use --compile-backend inductor (or aot_eager)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
