@@ -261,6 +261,18 @@ def test_sample_and_evaluate_compile_the_networks_and_give_the_same_numbers(tiny
         assert (a["arr_0"] == b["arr_0"]).all() and a["arr_0"].std() > 0
 
 
+def test_a_compile_backend_that_cannot_run_here_stops_training_in_one_line_that_works(tmp_path, capsys):
+    """tvm is listed by torch but needs apache-tvm: the first step fails in the run folder it made; the line says so
+    and names a command that starts the run over (here with aot_eager, where the line says inductor: minutes)."""
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY, "--compile", "--compile-backend", "tvm"]) == 2
+    line = one_line(capsys)
+    assert line.startswith("elbox: error: --compile-backend tvm failed at the first compiled call: ")
+    assert line.endswith(f"`elbox train --resume {run} --compile-backend inductor` starts it over with another backend")
+    assert main(["train", "--resume", str(run), "--compile-backend", "aot_eager", "--quiet"]) == 0
+    assert ckpt.latest_checkpoint(run) is not None
+
+
 def test_an_npz_holds_prior_samples_only(tmp_path, capsys):
     run = tmp_path / "vae"
     assert main(["train", "vae", "--out", str(run), "--hidden", "16", "--latent-dim", "2", "--steps", "2",

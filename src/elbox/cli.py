@@ -361,12 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if type(e).__name__ != "BackendCompilerFailed":  # torch._dynamo.exc's, named so the CLI need not import it
+        from elbox.compiling import backend_failure
+
+        if (reason := backend_failure(e)) is None:
             raise
-        # a backend torch lists but cannot run here (tvm, openxla without their packages): one line, not a traceback
-        reason = next((line for line in str(e).splitlines()[1:] if line.strip()), str(e).splitlines()[0])
-        print(f"{PROG}: error: --compile-backend {getattr(e, 'backend_name', '?')!s} failed at the first compiled "
-              f"call: {reason.strip().rstrip('.')}; use --compile-backend inductor (or aot_eager)", file=sys.stderr)
+        print(f"{PROG}: error: {reason}; use --compile-backend inductor (or aot_eager)", file=sys.stderr)
         return 2
 
 

@@ -44,3 +44,15 @@ def compile_networks(model: ELBOModel, backend: str = "inductor", mode: str = "d
             compile_networks(child, backend, mode)
         elif any(True for _ in child.parameters()):
             child.compile(backend=backend, **({} if mode == "default" else {"mode": mode}))
+
+
+def backend_failure(e: BaseException) -> str | None:
+    """The one-line reason when ``e`` is torch.compile's backend failing at the first compiled call (a backend torch
+    lists but cannot run here: tvm or openxla without their packages), else None. By the class's name, so that
+    catching it needs no import of torch._dynamo."""
+    if type(e).__name__ != "BackendCompilerFailed":
+        return None
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__).rstrip(".")
+    return f"--compile-backend {getattr(e, 'backend_name', '?')} failed at the first compiled call: {reason}"
+

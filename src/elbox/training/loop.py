@@ -55,6 +55,7 @@ from elbox import checkpoint as ckpt
 from elbox import devices, draws
 from elbox.api import record_evaluation
 from elbox.checkpoint import write_text_atomic
+from elbox.compiling import backend_failure
 from elbox.config import RunConfig, TrainConfig
 from elbox.data import to_model
 from elbox.data.dataset import derive_seed
@@ -147,8 +148,11 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False) -> TrainResu
         run = set_up(cfg, dataset, model, out, folder, info, resume)  # optimizer, EMA; a resume puts them back
         loop = _loop(run)
         return dataclasses.replace(_finish(run, loop), skipped_files=dataset.skipped)
-    except OSError as e:
-        if e.errno not in ckpt.DISK_FULL:
+    except Exception as e:
+        if (reason := backend_failure(e)) is not None:  # at the first step, in a run folder that now exists
+            raise UserError(f"{reason}; `elbox train --resume {out} --compile-backend inductor` starts it over "
+                            f"with another backend") from None
+        if not isinstance(e, OSError) or e.errno not in ckpt.DISK_FULL:
             raise
         # metrics lines, sample grids, TensorBoard events: a full disk there is no reason for a traceback
         latest = ckpt.latest_checkpoint(out, verify=False)
