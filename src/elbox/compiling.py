@@ -55,4 +55,3 @@ def backend_failure(e: BaseException) -> str | None:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     reason = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__).rstrip(".")
     return f"--compile-backend {getattr(e, 'backend_name', '?')} failed at the first compiled call: {reason}"
-
